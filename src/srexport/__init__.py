@@ -1,0 +1,16 @@
+"""srexport: one-step diffusion super-resolution (PiSA-SR, S3Diff) to verified ONNX artifacts."""
+
+__version__ = "0.1.0"
+
+
+def load(artifact, backend: str = "ort", threads: int | None = None):
+    """Load an artifact folder into a pipeline a service keeps and calls per image.
+
+    ``pipeline(lr)`` takes a (1,3,h,w) float tensor in [0,1] (or an HxWx3 uint8
+    array) and returns (1,3,H,W) in [0,1]; ``pipeline.upscale(pil_image)`` maps
+    PIL to PIL. Calls on one pipeline are serialised by a lock, so sharing it
+    between threads is safe; for parallel throughput keep one per worker.
+    """
+    from .runtime.loading import load_pipeline
+
+    return load_pipeline(artifact, backend=backend, threads=threads)

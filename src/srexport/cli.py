@@ -1,0 +1,200 @@
+"""``srexport build | run | check | inspect``: thin shells over the API.
+
+Bad input ends with one line on stderr and exit status 2; a parity bound
+that fails ends ``check`` with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+EXIT_PARITY_FAILED = 1
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="srexport",
+        description="Export one-step diffusion super-resolution models (PiSA-SR, S3Diff) to verified ONNX "
+                    "artifacts and run them.",
+    )
+    parser.add_argument("--version", action="version", version=f"srexport {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser(
+        "build", help="export a model into an artifact folder (ONNX graphs + manifest.json)",
+        description=(
+            "Export a model to an artifact folder: ONNX graphs for vae_encoder, the UNet and vae_decoder, and a "
+            "manifest.json with specs, constants, checks and sha256 of every file. Every graph is checked against "
+            "its PyTorch module and the whole ONNX pipeline against the PyTorch reference before the folder is "
+            "written (atomically). With no --base/--checkpoint the built-in demo is built: a tiny model with SD "
+            "2.1's block structure and seeded, untrained weights. The VAE encoder returns the latent posterior "
+            "mean; upstream samples from the posterior."),
+    )
+    b.add_argument("--model", choices=["pisa-sr"], default="pisa-sr", help="which upstream model (default: pisa-sr)")
+    b.add_argument("--base", type=Path, help="local diffusers folder of Stable Diffusion 2.1-base")
+    b.add_argument("--checkpoint", type=Path, help="PiSA-SR's pisa_sr.pkl (upstream format)")
+    b.add_argument("--scale", type=int, default=4, help="upscale factor (default: 4)")
+    b.add_argument("--lambda-pix", type=float, default=1.0, help="pixel-level guidance scale (default: 1)")
+    b.add_argument("--lambda-sem", type=float, default=1.0, help="semantic-level guidance scale (default: 1)")
+    b.add_argument("--guidance", choices=["merged", "exact"], default="merged",
+                   help="merged: one UNet graph with the LoRA deltas merged at the chosen scales (first order in "
+                        "the deltas; exact at lambda_pix=1 for lambda_sem in {0,1}); exact: two UNet graphs "
+                        "combined with upstream's formula (default: merged)")
+    b.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain",
+                   help="colour correction against the bicubic-upscaled input (default: adain, as upstream)")
+    b.add_argument("--process-size", type=int, default=512,
+                   help="inputs whose short side is below PROCESS_SIZE/scale are first resized up to it, as "
+                        "upstream's --process_size (default: 512)")
+    b.add_argument("--out", type=Path, help="artifact folder to write (default: artifacts/<model>-x<scale>[-demo])")
+    b.add_argument("--force", action="store_true", help="replace --out if it exists")
+    b.add_argument("--quiet", action="store_true", help="print only the artifact path")
+
+    r = sub.add_parser("run", help="upscale an image or a folder of images with an artifact")
+    r.add_argument("artifact", type=Path)
+    r.add_argument("input", type=Path, help="an image file, or a folder of images")
+    r.add_argument("-o", "--output", type=Path, required=True, help="output image file, or folder for a folder input")
+    r.add_argument("--backend", choices=["ort", "torch"], default="ort",
+                   help="ort: onnxruntime on the artifact's graphs; torch: the PyTorch reference modules")
+    r.add_argument("--threads", type=int, default=None, help="intra-op threads for onnxruntime")
+    r.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+    c = sub.add_parser("check", help="parity of an artifact against the PyTorch reference (per component, end to end)")
+    c.add_argument("artifact", type=Path)
+    c.add_argument("images", type=Path, nargs="*", help="LR images to check on (default: the built-in sample)")
+    c.add_argument("--backend", choices=["ort", "torch"], default="ort")
+    c.add_argument("--max-abs", type=float, default=None, help="bound per component (default: 1e-3 for fp32 graphs)")
+    c.add_argument("--min-psnr", type=float, default=None, help="end-to-end bound in dB (default: 50)")
+    c.add_argument("--base", help="the base folder, if it moved since the build")
+    c.add_argument("--checkpoint", help="the checkpoint, if it moved since the build")
+    c.add_argument("--json", type=Path, help="also write the report as JSON")
+
+    i = sub.add_parser("inspect", help="print an artifact's manifest readably")
+    i.add_argument("artifact", type=Path)
+    i.add_argument("--json", action="store_true", help="print the raw manifest")
+    return parser
+
+
+def cmd_build(args) -> int:
+    from .export.build import build_pisa
+    from .models.pisa_reference import PisaSettings
+    from .models.sources import PisaSource, demo_pisa_source
+
+    if (args.base is None) != (args.checkpoint is None):
+        raise UserError("pass both --base and --checkpoint, or neither for the built-in demo")
+    if args.scale < 1 or args.scale > 16:
+        raise UserError(f"--scale {args.scale} is out of range; use an integer from 1 to 16")
+    settings = PisaSettings(args.lambda_pix, args.lambda_sem, args.guidance, args.scale, args.process_size,
+                            args.color_fix).validate()
+    if args.base is None:
+        source = demo_pisa_source()
+        if not args.quiet:
+            print("Building the built-in DEMO: a tiny PiSA-SR with SD 2.1's block structure and seeded, "
+                  "untrained weights (its output is not a real super-resolution).", file=sys.stderr)
+    else:
+        from .models.base import validate_base_folder
+
+        validate_base_folder(args.base)
+        if not args.checkpoint.is_file():
+            raise UserError(f"checkpoint {args.checkpoint} does not exist; pass the path to pisa_sr.pkl")
+        source = PisaSource(args.base, args.checkpoint)
+    out = args.out or Path("artifacts") / f"{args.model}-x{args.scale}{'-demo' if source.demo else ''}"
+    path = build_pisa(source, settings, out, force=args.force, quiet=args.quiet)
+    print(path)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .runtime.images import check_output_path, list_images, load_image, save_image
+    from .runtime.loading import load_pipeline
+
+    if args.input.is_dir():
+        inputs = list_images(args.input)
+        if not inputs:
+            raise UserError(f"{args.input} holds no images ({', '.join(('png', 'jpg', 'tif', 'bmp', 'webp'))})")
+        if args.output.exists() and not args.output.is_dir():
+            raise UserError(f"{args.output} is a file; for a folder input, -o must be a folder")
+        args.output.mkdir(parents=True, exist_ok=True)
+        jobs = [(p, args.output / (p.stem + ".png")) for p in inputs]
+    else:
+        if not args.input.exists():
+            raise UserError(f"input {args.input} does not exist")
+        jobs = [(args.input, args.output)]
+    for _, out in jobs:
+        check_output_path(out, args.force)
+    first = load_image(jobs[0][0])  # a bad input fails before the models load
+    pipeline = load_pipeline(args.artifact, backend=args.backend, threads=args.threads)
+    from tqdm import tqdm
+
+    for k, (src, out) in enumerate(tqdm(jobs, disable=len(jobs) == 1, unit="image", file=sys.stderr)):
+        save_image(pipeline(first if k == 0 else load_image(src)), out)
+    if len(jobs) == 1:
+        print(jobs[0][1])
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .samples import SAMPLE_NAME, sample_image
+    from .checking import COMPONENT_MAX_ABS, END_TO_END_MIN_PSNR, check_image, failures
+    from .export.artifact import load_artifact
+    from .runtime.images import load_image
+    from .runtime.loading import load_pipeline, reference_for
+
+    images = [(p.name, load_image(p)) for p in args.images] or [(SAMPLE_NAME, sample_image())]
+    artifact = load_artifact(args.artifact)
+    reference = reference_for(artifact, args.base, args.checkpoint)
+    pipeline = load_pipeline(args.artifact, backend=args.backend, reference=reference)
+    max_abs = args.max_abs if args.max_abs is not None else COMPONENT_MAX_ABS
+    min_psnr = args.min_psnr if args.min_psnr is not None else END_TO_END_MIN_PSNR
+    reports, problems = [], []
+    print(f"{artifact.folder}  backend={args.backend}  bounds: component max_abs <= {max_abs:g}, "
+          f"end-to-end PSNR >= {min_psnr:g} dB")
+    for name, lr in images:
+        report = check_image(pipeline, reference, lr, name)
+        reports.append(report)
+        print(f"{name}  ->  {report.output_shape[-1]}x{report.output_shape[-2]}")
+        for component, parity in report.components.items():
+            print(f"  {component:<14} {parity.describe()}")
+        print(f"  {'end to end':<14} {report.end_to_end.describe()}")
+        problems += failures(report, max_abs, min_psnr)
+    if args.json:
+        args.json.write_text(json.dumps({"backend": args.backend, "max_abs": max_abs, "min_psnr": min_psnr,
+                                         "images": [r.to_dict() for r in reports], "failures": problems}, indent=2))
+    if problems:
+        print("FAILED: " + "; ".join(problems), file=sys.stderr)
+        return EXIT_PARITY_FAILED
+    print("all parity bounds hold")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .export.artifact import load_artifact
+    from .describe import describe_manifest
+
+    artifact = load_artifact(args.artifact)
+    print(json.dumps(artifact.manifest, indent=2) if args.json else describe_manifest(artifact))
+    return 0
+
+
+COMMANDS = {"build": cmd_build, "run": cmd_run, "check": cmd_check, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"srexport: error: {e}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print("srexport: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""``srexport build``: reference -> graphs -> checks -> manifest, atomically.
+
+Every build verifies what it wrote: each graph against the PyTorch module it
+came from at two shapes, the whole ONNX pipeline against the reference on
+the built-in sample photo, and (PiSA-SR) merged against exact guidance. The
+numbers go into the manifest; a graph off by more than its bound fails the
+build and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import UserError
+from ..parity import compare
+from ..samples import SAMPLE_NAME, sample_image
+from .artifact import FORMAT_VERSION, atomic_folder, load_artifact, write_manifest
+from .onnx_export import OPSET, data_file_name, export_onnx
+from .specs import ComponentSpec, Geometry, unet_spec, vae_decoder_spec, vae_encoder_spec
+
+# Shapes the graphs are traced and checked at. The trace shape has a latent
+# size that is not a multiple of 8, so the UNet's skip-connection upsampling
+# is traced with explicit output sizes and the graph runs at any size.
+TRACE_GEOMETRY = Geometry(batch=2, height=96, width=160)
+CHECK_GEOMETRIES = (Geometry(batch=1, height=64, width=64), Geometry(batch=2, height=96, width=160))
+COMPONENT_MAX_ABS = 1e-3  # fp32 graph vs module; tests hold the demo to 1e-4
+END_TO_END_MIN_PSNR = 50.0
+
+
+class Progress:
+    """Numbered steps with elapsed time on stderr."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.total, self.step, self.quiet = total, 0, quiet
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        self.step += 1
+        if not self.quiet:
+            print(f"[{self.step}/{self.total}] {message}  ({time.perf_counter() - self.start:.1f} s)", file=sys.stderr, flush=True)
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            print(f"      {message}", file=sys.stderr, flush=True)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"srexport": __version__, "python": sys.version.split()[0]}
+    for name in ("torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime", "onnxslim"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def pisa_specs(settings) -> dict[str, ComponentSpec]:
+    unets = ["unet"] if settings.guidance == "merged" else ["unet_pix", "unet_sem"]
+    specs = {"vae_encoder": vae_encoder_spec()}
+    for name in unets:
+        weights = {"unet": "W0 + dW_pix + (lambda_sem/lambda_pix) dW_sem, eps scaled by lambda_pix",
+                   "unet_pix": "W0 + dW_pix", "unet_sem": "W0 + dW_pix + dW_sem"}[name]
+        specs[name] = unet_spec(name, description=f"latent -> z0 = latent - eps; UNet weights {weights}; "
+                                                   "timestep 1 and empty-prompt embedding folded in")
+    specs["vae_decoder"] = vae_decoder_spec()
+    return specs
+
+
+def check_components(modules: dict, specs: dict[str, ComponentSpec], folder: Path, progress: Progress) -> dict:
+    """Each ONNX graph against its PyTorch module, at every check geometry."""
+    from ..runtime.runners import OnnxRuntimeRunner, TorchRunner
+
+    results = {}
+    for name, spec in specs.items():
+        onnx_runner = OnnxRuntimeRunner(folder / f"{name}.onnx", spec)
+        torch_runner = TorchRunner(modules[name], spec)
+        worst = None
+        for i, geometry in enumerate(CHECK_GEOMETRIES):
+            feeds = spec.sample_inputs(geometry, seed=100 + i)
+            for out_name, expected in torch_runner(feeds).items():
+                p = compare(onnx_runner(feeds)[out_name], expected)
+                if worst is None or p.max_abs > worst.max_abs:
+                    worst = p
+        results[name] = dict(worst.to_dict(), shapes=[dataclasses.asdict(g) for g in CHECK_GEOMETRIES])
+        progress.note(f"{name}: onnxruntime vs PyTorch {worst.describe()}")
+        if worst.max_abs > COMPONENT_MAX_ABS:
+            raise RuntimeError(f"graph {name} differs from its PyTorch module by {worst.max_abs:.2e} "
+                               f"(bound {COMPONENT_MAX_ABS}); the export is wrong")
+    return results
+
+
+def build_pisa(source, settings, out: Path, force: bool = False, quiet: bool = False) -> Path:
+    from ..models.pisa_reference import PisaReference
+    from ..runtime.pipeline import SRPipeline
+    from ..runtime.runners import ort_runners
+
+    settings = settings.validate()
+    out = Path(out)
+    progress = Progress(6, quiet)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it or choose another --out")
+    progress(f"loading {'the built-in demo (untrained, seeded weights)' if source.demo else source.base}")
+    base, ckpt = source.load()
+    lr = sample_image()
+
+    progress("measuring merged vs exact guidance on the sample image")
+    other = "exact" if settings.guidance == "merged" else "merged"
+    agreement = None
+    if other == "merged" and settings.lambda_pix == 0:
+        progress.note("lambda_pix = 0 has no merged form; skipped")
+    else:
+        other_ref = PisaReference(dataclasses.replace(base, unet=copy.deepcopy(base.unet)), ckpt,
+                                  dataclasses.replace(settings, guidance=other))
+        other_out = other_ref(lr)
+        del other_ref
+    reference = PisaReference(base, ckpt, settings)
+    ref_out = reference(lr)
+    if other != "merged" or settings.lambda_pix != 0:
+        agreement = compare(other_out, ref_out, peak_to_peak=1.0)
+        progress.note(f"merged vs exact at lambda_pix={settings.lambda_pix}, lambda_sem={settings.lambda_sem}: "
+                      f"{agreement.describe()}")
+
+    specs = pisa_specs(settings)
+    modules = reference.components()
+    with atomic_folder(out, force) as tmp:
+        progress(f"exporting {len(specs)} graphs to ONNX (opset {OPSET})")
+        files, components = {}, {}
+        for name, spec in specs.items():
+            t = time.perf_counter()
+            written = export_onnx(modules[name], spec, tmp / f"{name}.onnx", TRACE_GEOMETRY)
+            for path in written:
+                files[path.name] = {"path": path.name}
+            components[name] = {"spec": spec.to_dict(), "files": {"onnx": f"{name}.onnx"}}
+            if len(written) > 1:
+                components[name]["files"]["onnx_data"] = data_file_name(f"{name}.onnx")
+            progress.note(f"{name}.onnx  {sum(p.stat().st_size for p in written) / 2**20:.1f} MiB  "
+                          f"{time.perf_counter() - t:.1f} s")
+
+        progress("checking each graph against its PyTorch module (onnxruntime, two shapes)")
+        component_parity = check_components(modules, specs, tmp, progress)
+
+        manifest = pisa_manifest(source, settings, reference, ckpt.ranks, components, files)
+        manifest["checks"] = {"components": component_parity}
+        if agreement is not None:
+            manifest["checks"]["merged_vs_exact"] = dict(agreement.to_dict(), input=SAMPLE_NAME)
+
+        progress("checking the whole ONNX pipeline against the PyTorch reference")
+        pipeline = SRPipeline(manifest, ort_runners(_Unverified(tmp, manifest)))
+        end_to_end = compare(pipeline(lr), ref_out, peak_to_peak=1.0)
+        progress.note(f"end to end: {end_to_end.describe()}")
+        if end_to_end.psnr_db < END_TO_END_MIN_PSNR:
+            raise RuntimeError(f"ONNX pipeline reaches only {end_to_end.psnr_db:.1f} dB against the reference "
+                               f"(bound {END_TO_END_MIN_PSNR} dB)")
+        manifest["checks"]["end_to_end"] = dict(end_to_end.to_dict(), input=SAMPLE_NAME,
+                                                output_size=list(ref_out.shape[-2:]))
+        progress("writing manifest.json (sha256 of every file)")
+        write_manifest(tmp, manifest)
+    load_artifact(out)  # re-read: hashes and format must round-trip
+    return out
+
+
+class _Unverified:
+    """An artifact still being built: the runners read graphs before hashing."""
+
+    def __init__(self, folder: Path, manifest: dict):
+        self.folder, self.manifest = folder, manifest
+
+    @property
+    def components(self):
+        return {n: ComponentSpec.from_dict(c["spec"]) for n, c in self.manifest["components"].items()}
+
+    def component_file(self, name: str, kind: str = "onnx") -> Path:
+        return self.folder / self.manifest["files"][self.manifest["components"][name]["files"][kind]]["path"]
+
+
+def pisa_manifest(source, settings, reference, ranks: dict, components: dict, files: dict) -> dict:
+    from ..models.configs import VAE_SCALING_FACTOR
+    from ..models.pisa_reference import PISA_TIMESTEP
+
+    demo_note = (" Built-in demo: tiny SD 2.1-structured model with seeded, untrained weights;"
+                 " its output is not a meaningful super-resolution.") if source.demo else ""
+    return {
+        "format_version": FORMAT_VERSION,
+        "description": (
+            f"PiSA-SR x{settings.scale} ({settings.guidance} guidance, lambda_pix={settings.lambda_pix}, "
+            f"lambda_sem={settings.lambda_sem}) exported by srexport {__version__}. Run: pre-process (processing), "
+            "vae_encoder, the denoise plan's UNet graphs, vae_decoder, post-process. The encoder returns the "
+            "posterior mean, not a sample." + demo_note
+        ),
+        "model": {
+            "kind": "pisa-sr",
+            "demo": source.demo,
+            "settings": dataclasses.asdict(settings),
+            "lora": {"ranks": dict(ranks), "scaling": "lora_alpha 8 / rank (PEFT default)"},
+            "source": source.to_dict(),
+        },
+        "processing": reference.processing.to_dict(),
+        "latent": {"encoder_output": "posterior mean (upstream samples)", "scaling_factor": VAE_SCALING_FACTOR,
+                   "vae_factor": 8, "timestep": PISA_TIMESTEP, "prompt": ""},
+        "denoise": settings.denoise_plan(),
+        "components": components,
+        "files": files,
+        "export": {"opset": OPSET, "exporter": "torch.onnx (TorchScript-based)", "cleanup": "onnxslim",
+                   "precision": "fp32", "io_dtype": "float32"},
+        "versions": versions(),
+    }
+

@@ -1,0 +1,117 @@
+"""Tile geometry and Gaussian blending: the plain reference.
+
+Tiles have one fixed shape (static engines). Origins sit on a stride of
+``tile - overlap`` with the last one moved back to touch the far edge, as
+upstream does. An image smaller than a tile is padded by ``extract_tiles``
+(replicate) up to the tile shape, and ``blend_tiles`` crops the padding off.
+Weights are the upstream Gaussian; its normalising constant cancels in
+``sum(w * tile) / sum(w)``, so it is left out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from srexport.errors import UserError
+
+__all__ = [
+    "blend_tiles",
+    "extract_tiles",
+    "gaussian_weights",
+    "tile_grid",
+    "tile_origins",
+    "weight_sum",
+]
+
+GAUSSIAN_VARIANCE = 0.01  # relative to the squared tile size (upstream value)
+
+
+def _gaussian_1d(size: int, var: float) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64)
+    midpoint = (size - 1) / 2
+    return torch.exp(-((x - midpoint) ** 2) / (2 * var * size * size))
+
+
+def gaussian_weights(tile_h: int, tile_w: int, var: float = GAUSSIAN_VARIANCE) -> torch.Tensor:
+    """(tile_h, tile_w) float32 blending weights, peaked at the tile centre."""
+    if tile_h < 1 or tile_w < 1 or var <= 0:
+        raise UserError(f"Gaussian tile weights need positive sizes and variance, got {tile_h}x{tile_w}, var={var}")
+    return torch.outer(_gaussian_1d(tile_h, var), _gaussian_1d(tile_w, var)).float()
+
+
+def tile_origins(size: int, tile: int, overlap: int) -> list[int]:
+    """Tile start offsets along one axis of length ``size``; the last tile ends at the edge."""
+    if not 0 <= overlap < tile:
+        raise UserError(f"tile overlap must be in [0, tile), got tile={tile}, overlap={overlap}")
+    if size < 1:
+        raise UserError(f"cannot tile an axis of size {size}")
+    if size <= tile:
+        return [0]
+    last = size - tile
+    return sorted({*range(0, last, tile - overlap), last})
+
+
+def tile_grid(height: int, width: int, tile_h: int, tile_w: int, overlap: int) -> list[tuple[int, int]]:
+    """(y, x) tile origins, row-major."""
+    return [(y, x) for y in tile_origins(height, tile_h, overlap) for x in tile_origins(width, tile_w, overlap)]
+
+
+def _canvas_size(origins: list[tuple[int, int]], height: int, width: int, tile_h: int, tile_w: int) -> tuple[int, int]:
+    # Large enough for every tile, including those running past a small image.
+    return (
+        max(height, max(y for y, _ in origins) + tile_h),
+        max(width, max(x for _, x in origins) + tile_w),
+    )
+
+
+def extract_tiles(image: torch.Tensor, origins: list[tuple[int, int]], tile_h: int, tile_w: int) -> torch.Tensor:
+    """Cut a (1, C, H, W) image into (N, C, tile_h, tile_w) tiles at ``origins``."""
+    assert image.ndim == 4 and image.shape[0] == 1, "extract_tiles takes one image (1, C, H, W)"
+    assert origins and all(y >= 0 and x >= 0 for y, x in origins), "origins must be non-negative"
+    height, width = image.shape[-2:]
+    canvas_h, canvas_w = _canvas_size(origins, height, width, tile_h, tile_w)
+    if (canvas_h, canvas_w) != (height, width):
+        image = F.pad(image, (0, canvas_w - width, 0, canvas_h - height), mode="replicate")
+    return torch.cat([image[..., y : y + tile_h, x : x + tile_w] for y, x in origins])
+
+
+def _accumulate(
+    tiles: torch.Tensor | None,
+    origins: list[tuple[int, int]],
+    height: int,
+    width: int,
+    weights: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    tile_h, tile_w = weights.shape
+    canvas_h, canvas_w = _canvas_size(origins, height, width, tile_h, tile_w)
+    weight_total = torch.zeros(canvas_h, canvas_w, dtype=weights.dtype, device=weights.device)
+    weighted = None
+    if tiles is not None:
+        weighted = tiles.new_zeros(1, tiles.shape[1], canvas_h, canvas_w)
+    for index, (y, x) in enumerate(origins):
+        weight_total[y : y + tile_h, x : x + tile_w] += weights
+        if weighted is not None:
+            weighted[..., y : y + tile_h, x : x + tile_w] += weights * tiles[index]
+    crop = (slice(0, height), slice(0, width))
+    return (None if weighted is None else weighted[..., crop[0], crop[1]]), weight_total[crop]
+
+
+def weight_sum(origins: list[tuple[int, int]], height: int, width: int, weights: torch.Tensor) -> torch.Tensor:
+    """(H, W) sum of tile weights over the image: the blend's denominator."""
+    return _accumulate(None, origins, height, width, weights)[1]
+
+
+def blend_tiles(
+    tiles: torch.Tensor,
+    origins: list[tuple[int, int]],
+    height: int,
+    width: int,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Join (N, C, th, tw) tiles into a (1, C, H, W) image: sum(w * tile) / sum(w)."""
+    assert tiles.ndim == 4 and tiles.shape[0] == len(origins), "one tile per origin"
+    assert tuple(tiles.shape[-2:]) == tuple(weights.shape), "weights must have the tile shape"
+    weights = weights.to(tiles.device, tiles.dtype)
+    weighted, weight_total = _accumulate(tiles, origins, height, width, weights)
+    return weighted / weight_total

@@ -1,0 +1,1 @@
+"""PyTorch side: base-model loading, checkpoint formats, LoRA maths, reference pipelines."""

@@ -1,0 +1,157 @@
+"""PiSA-SR in PyTorch: the parity oracle (UPSTREAM.md, PiSA-SR inference steps 1-9).
+
+Two deliberate differences from upstream, both stated in the manifest:
+the latent is the posterior mean, not a sample; images stay float between
+steps (upstream round-trips through 8-bit PIL images).
+
+Guidance:
+- ``exact``: two UNets, W_pix = W0 + dW_pix and W_sem = W_pix + dW_sem;
+  eps = lambda_pix * eps_pix + lambda_sem * (eps_sem - eps_pix).
+- ``merged``: one UNet, W = W0 + dW_pix + (lambda_sem / lambda_pix) dW_sem and
+  eps scaled by lambda_pix: first order in the deltas, exact at lambda_pix=1
+  for lambda_sem in {0, 1}.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..processing import Prepared, Processing, postprocess, preprocess
+from .base import BaseModel, encode_prompt
+from .components import EpsilonDenoiser, VaeDecoder, VaeEncoderMean
+from .lora import add_deltas
+from .pisa import PisaCheckpoint, branch_deltas, validate_against_unet
+
+PISA_TIMESTEP = 1
+GUIDANCE_MODES = ("merged", "exact")
+
+
+@dataclass(frozen=True)
+class PisaSettings:
+    lambda_pix: float = 1.0
+    lambda_sem: float = 1.0
+    guidance: str = "merged"
+    scale: int = 4
+    process_size: int = 512
+    color_fix: str = "adain"
+
+    def validate(self) -> "PisaSettings":
+        if self.guidance not in GUIDANCE_MODES:
+            raise UserError(f"--guidance {self.guidance!r} is not one of {', '.join(GUIDANCE_MODES)}")
+        if self.guidance == "merged" and self.lambda_pix == 0:
+            raise UserError(
+                "--lambda-pix 0 cannot be merged (the semantic delta is scaled by lambda_sem/lambda_pix); "
+                "use --guidance exact for lambda_pix = 0"
+            )
+        if self.scale < 1:
+            raise UserError(f"--scale must be a positive integer, got {self.scale}")
+        return self
+
+    def processing(self) -> Processing:
+        return Processing(
+            scale=self.scale,
+            upscale_filter="bicubic",
+            color_fix=self.color_fix,
+            min_lr_side=self.process_size // self.scale,
+            size_policy="resize_floor",
+            size_multiple=8,
+        )
+
+    def denoise_plan(self) -> dict:
+        """How the runtime combines the UNet graphs' z0 outputs into the final z0.
+
+        z0 = latent_weight * latent + sum(weight_i * z0_i). With z0_i = z - eps_i, the
+        upstream formula z - [lp*eps_pix + ls*(eps_sem - eps_pix)] becomes
+        (1 - lp) z + (lp - ls) z0_pix + ls z0_sem.
+        """
+        lp, ls = self.lambda_pix, self.lambda_sem
+        if self.guidance == "merged":
+            return {"latent_weight": 0.0, "terms": [{"component": "unet", "weight": 1.0}]}
+        return {
+            "latent_weight": 1.0 - lp,
+            "terms": [{"component": "unet_pix", "weight": lp - ls}, {"component": "unet_sem", "weight": ls}],
+        }
+
+
+class PisaReference(nn.Module):
+    """PiSA-SR's inference with LoRA merged into weights; also provides the
+    per-component modules that export turns into graphs."""
+
+    def __init__(self, base: BaseModel, ckpt: PisaCheckpoint, settings: PisaSettings):
+        super().__init__()
+        self.settings = settings.validate()
+        self.processing = settings.processing()
+        validate_against_unet(ckpt, base.unet)
+        prompt = encode_prompt(base, "")
+        self.register_buffer("prompt_embeds", prompt, persistent=False)
+        d_pix = branch_deltas(ckpt, base.unet, "pix")
+        d_sem = branch_deltas(ckpt, base.unet, "sem")
+        lp, ls = settings.lambda_pix, settings.lambda_sem
+
+        self.encoder = VaeEncoderMean(base.vae)
+        self.decoder = VaeDecoder(base.vae)
+        unets = nn.ModuleDict()
+        if settings.guidance == "exact":
+            # Two weight sets; the base UNet becomes W_pix to spare one copy.
+            unet_pix = base.unet
+            add_deltas(unet_pix, d_pix)
+            unet_sem = copy.deepcopy(unet_pix)
+            add_deltas(unet_sem, d_sem)
+            unets["unet_pix"] = EpsilonDenoiser(unet_pix, prompt, PISA_TIMESTEP)
+            unets["unet_sem"] = EpsilonDenoiser(unet_sem, prompt, PISA_TIMESTEP)
+        else:
+            unet = base.unet
+            add_deltas(unet, d_pix)
+            add_deltas(unet, d_sem, weight=ls / lp)
+            unets["unet"] = EpsilonDenoiser(unet, prompt, PISA_TIMESTEP, eps_scale=lp)
+        self.unets = unets
+        self.eval().requires_grad_(False)
+
+    # --- components (what export and the torch backend run) -----------------
+
+    def components(self) -> dict[str, nn.Module]:
+        return {"vae_encoder": self.encoder, **dict(self.unets.items()), "vae_decoder": self.decoder}
+
+    # --- the reference pipeline ------------------------------------------------
+
+    def preprocess(self, lr: torch.Tensor) -> Prepared:
+        return preprocess(lr, self.processing)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    @torch.no_grad()
+    def denoise(self, z: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        if s.guidance == "merged":
+            return self.unets["unet"](z)
+        eps_pix = self.unets["unet_pix"].epsilon(z)
+        eps_sem = self.unets["unet_sem"].epsilon(z)
+        eps = s.lambda_pix * eps_pix + s.lambda_sem * (eps_sem - eps_pix)
+        return z - eps
+
+    @torch.no_grad()
+    def decode(self, z0: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z0)
+
+    @torch.no_grad()
+    def stage_tensors(self, lr: torch.Tensor) -> tuple[dict[str, torch.Tensor], Prepared]:
+        """Every named tensor of one run (the spec names), computed the reference way."""
+        prepared = self.preprocess(lr)
+        env = {"lr_image": lr, "image": prepared.model_input}
+        env["latent"] = self.encode(env["image"])
+        env["denoised"] = self.denoise(env["latent"])
+        env["decoded"] = self.decode(env["denoised"])
+        return env, prepared
+
+    @torch.no_grad()
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        """LR (1,3,h,w) in [0,1] -> SR (1,3,scale*h,scale*w) in [0,1]."""
+        env, prepared = self.stage_tensors(lr)
+        return postprocess(env["decoded"], prepared, self.processing)

@@ -1,0 +1,35 @@
+"""Artifact folder + backend name -> a ready pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from ..export.artifact import load_artifact
+from .pipeline import SRPipeline
+from .runners import check_backend, ort_runners, torch_runners
+
+
+def reference_for(artifact, base: str | None = None, checkpoint: str | None = None):
+    """Rebuild the PyTorch reference an artifact was exported from (its manifest's source)."""
+    manifest = artifact.manifest
+    kind = manifest["model"]["kind"]
+    if kind == "pisa-sr":
+        from ..models.pisa_reference import PisaReference, PisaSettings
+        from ..models.sources import pisa_source_from_manifest
+
+        source = pisa_source_from_manifest(manifest["model"]["source"], base, checkpoint)
+        loaded_base, ckpt = source.load()
+        return PisaReference(loaded_base, ckpt, PisaSettings(**manifest["model"]["settings"]))
+    raise UserError(f"artifact model kind {kind!r} is not known to this srexport")
+
+
+def load_pipeline(artifact: str | Path, backend: str = "ort", threads: int | None = None,
+                  reference=None) -> SRPipeline:
+    art = load_artifact(artifact)
+    check_backend(backend)
+    if backend == "ort":
+        runners = ort_runners(art, threads=threads)
+    else:
+        runners = torch_runners(art, reference if reference is not None else reference_for(art))
+    return SRPipeline(art.manifest, runners)

@@ -1,0 +1,87 @@
+"""Interchangeable runners, one per component, in the spirit of Polygraphy's.
+
+A runner is built from a component spec plus something that computes it (an
+ONNX file, a PyTorch module) and does one thing: named input tensors in,
+named output tensors out, by the spec's names. The pipeline only ever calls
+``runner(feeds)``, so it never branches on the backend.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..export.specs import ComponentSpec
+
+BACKENDS = ("ort", "torch")
+
+
+class Runner(Protocol):
+    spec: ComponentSpec
+    backend: str
+
+    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+class OnnxRuntimeRunner:
+    """Runs one ONNX graph with onnxruntime (CPU here; a provider list selects others)."""
+
+    backend = "ort"
+
+    def __init__(self, path, spec: ComponentSpec, providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self.spec = spec
+        self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        arrays = {name: np.ascontiguousarray(feeds[name].detach().cpu().numpy()) for name in self.spec.input_names}
+        outputs = self.session.run(self.spec.output_names, arrays)
+        return {name: torch.from_numpy(value) for name, value in zip(self.spec.output_names, outputs)}
+
+
+class TorchRunner:
+    """Runs the PyTorch module a graph was exported from (the reference's own component)."""
+
+    backend = "torch"
+
+    def __init__(self, module: torch.nn.Module, spec: ComponentSpec):
+        self.spec = spec
+        self.module = module.eval()
+
+    @torch.no_grad()
+    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.module(*(feeds[name] for name in self.spec.input_names))
+        outs = out if isinstance(out, tuple) else (out,)
+        return dict(zip(self.spec.output_names, outs))
+
+
+def ort_runners(artifact, threads: int | None = None) -> dict[str, Runner]:
+    return {
+        name: OnnxRuntimeRunner(artifact.component_file(name), spec, threads=threads)
+        for name, spec in artifact.components.items()
+    }
+
+
+def torch_runners(artifact, reference) -> dict[str, Runner]:
+    modules = reference.components()
+    return {name: TorchRunner(modules[name], spec) for name, spec in artifact.components.items()}
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise UserError(f"--backend {name!r} is not one of {', '.join(BACKENDS)}")
+    return name
