@@ -10,6 +10,7 @@ code, shape inference) is onnxslim's. Graphs whose weights exceed protobuf's
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import onnx
@@ -31,7 +32,11 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: Path, sample
     inputs = spec.sample_inputs(sample, seed=0)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
-        with torch.no_grad():
+        # The tracer warns about every Python branch on a shape in diffusers'
+        # code; the trace geometry is chosen so those branches take the general
+        # path (see build.TRACE_GEOMETRY), so the warnings are noise for a user.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             torch.onnx.export(
                 module.eval(),
                 tuple(inputs[name] for name in spec.input_names),

@@ -1,0 +1,51 @@
+"""Shared fixtures: one demo source and one small demo artifact per test session.
+
+The demo model has SD 2.1's block structure with shrunk widths; artifacts are
+built with --process-size 128 so test images stay small on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """The demo's base folder and checkpoint are written once, into a session tmp dir."""
+    old = os.environ.get("SREXPORT_CACHE")
+    os.environ["SREXPORT_CACHE"] = str(tmp_path_factory.mktemp("srexport-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SREXPORT_CACHE", None)
+    else:
+        os.environ["SREXPORT_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def demo_source():
+    from srexport.models.sources import demo_pisa_source
+
+    return demo_pisa_source()
+
+
+@pytest.fixture(scope="session")
+def demo_artifact(tmp_path_factory, demo_source):
+    """A merged-guidance demo artifact, built through the CLI as a user would."""
+    from srexport.cli import main
+
+    out = tmp_path_factory.mktemp("artifacts") / "pisa-demo"
+    assert main(["build", "--scale", "4", "--process-size", "128", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture
+def small_lr():
+    """A 24x32 crop of the built-in sample: small, real, deterministic."""
+    from srexport.samples import sample_image
+
+    return sample_image()[..., 8:32, 4:36].contiguous()
