@@ -109,7 +109,7 @@ def test_merged_is_first_order_away_from_exact(demo_source):
 def test_exact_denoise_plan_matches_upstream_formula(demo_source, small_lr):
     """The runtime's affine combination of the two z0 graphs equals
     z - [lp*eps_pix + ls*(eps_sem - eps_pix)] (computed by the reference)."""
-    from srexport.export.build import pisa_specs
+    from srexport.export.pisa_recipe import pisa_specs
     from srexport.runtime.pipeline import SRPipeline
     from srexport.runtime.runners import TorchRunner
 

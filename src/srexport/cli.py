@@ -36,18 +36,28 @@ def _build_parser() -> argparse.ArgumentParser:
             "2.1's block structure and seeded, untrained weights. The VAE encoder returns the latent posterior "
             "mean; upstream samples from the posterior."),
     )
-    b.add_argument("--model", choices=["pisa-sr"], default="pisa-sr", help="which upstream model (default: pisa-sr)")
-    b.add_argument("--base", type=Path, help="local diffusers folder of Stable Diffusion 2.1-base")
-    b.add_argument("--checkpoint", type=Path, help="PiSA-SR's pisa_sr.pkl (upstream format)")
-    b.add_argument("--scale", type=int, default=4, help="upscale factor (default: 4)")
+    b.add_argument("--model", choices=["pisa-sr", "s3diff"], default="pisa-sr",
+                   help="which upstream model (default: pisa-sr)")
+    b.add_argument("--base", type=Path,
+                   help="local diffusers folder: Stable Diffusion 2.1-base (pisa-sr) or SD-Turbo (s3diff)")
+    b.add_argument("--checkpoint", type=Path, help="pisa_sr.pkl or s3diff.pkl (upstream formats)")
+    b.add_argument("--de-net", type=Path, help="s3diff: the degradation estimator de_net.pth")
+    b.add_argument("--scale", type=int, default=4, help="upscale factor (default: 4; S3Diff is x4 only)")
     b.add_argument("--lambda-pix", type=float, default=1.0, help="pixel-level guidance scale (default: 1)")
     b.add_argument("--lambda-sem", type=float, default=1.0, help="semantic-level guidance scale (default: 1)")
     b.add_argument("--guidance", choices=["merged", "exact"], default="merged",
                    help="merged: one UNet graph with the LoRA deltas merged at the chosen scales (first order in "
                         "the deltas; exact at lambda_pix=1 for lambda_sem in {0,1}); exact: two UNet graphs "
                         "combined with upstream's formula (default: merged)")
-    b.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain",
-                   help="colour correction against the bicubic-upscaled input (default: adain, as upstream)")
+    b.add_argument("--degradation", default="dynamic", metavar="dynamic|BLUR,NOISE",
+                   help="s3diff: 'dynamic' estimates the degradation per image and keeps the LoRA in the graphs, "
+                        "modulated by the scores; BLUR,NOISE (two numbers in [0,1]) merges the LoRA for that fixed "
+                        "degradation and leaves the estimator out (default: dynamic)")
+    b.add_argument("--cfg-scale", type=float, default=1.07,
+                   help="s3diff: classifier-free guidance scale, upstream's 1.07; 1.0 skips the negative pass")
+    b.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None,
+                   help="colour correction against the upscaled input (default: as upstream, adain for pisa-sr, "
+                        "wavelet for s3diff)")
     b.add_argument("--process-size", type=int, default=512,
                    help="inputs whose short side is below PROCESS_SIZE/scale are first resized up to it, as "
                         "upstream's --process_size (default: 512)")
@@ -72,6 +82,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-psnr", type=float, default=None, help="end-to-end bound in dB (default: 50)")
     c.add_argument("--base", help="the base folder, if it moved since the build")
     c.add_argument("--checkpoint", help="the checkpoint, if it moved since the build")
+    c.add_argument("--de-net", help="s3diff: the degradation estimator, if it moved since the build")
     c.add_argument("--json", type=Path, help="also write the report as JSON")
 
     i = sub.add_parser("inspect", help="print an artifact's manifest readably")
@@ -81,32 +92,57 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_build(args) -> int:
-    from .export.build import build_pisa
-    from .models.pisa_reference import PisaSettings
-    from .models.sources import PisaSource, demo_pisa_source
+    from .export.build import build
 
     if (args.base is None) != (args.checkpoint is None):
         raise UserError("pass both --base and --checkpoint, or neither for the built-in demo")
     if args.scale < 1 or args.scale > 16:
         raise UserError(f"--scale {args.scale} is out of range; use an integer from 1 to 16")
-    settings = PisaSettings(args.lambda_pix, args.lambda_sem, args.guidance, args.scale, args.process_size,
-                            args.color_fix).validate()
-    if args.base is None:
-        source = demo_pisa_source()
-        if not args.quiet:
-            print("Building the built-in DEMO: a tiny PiSA-SR with SD 2.1's block structure and seeded, "
-                  "untrained weights (its output is not a real super-resolution).", file=sys.stderr)
-    else:
-        from .models.base import validate_base_folder
+    if args.base is not None:
+        from .models.base import read_scheduler_config, validate_base_folder
 
         validate_base_folder(args.base)
-        if not args.checkpoint.is_file():
-            raise UserError(f"checkpoint {args.checkpoint} does not exist; pass the path to pisa_sr.pkl")
-        source = PisaSource(args.base, args.checkpoint)
+        if args.model == "s3diff":
+            read_scheduler_config(args.base)
+        for flag, path in (("--checkpoint", args.checkpoint), ("--de-net", args.de_net)):
+            if path is not None and not path.is_file():
+                raise UserError(f"{flag} {path} does not exist")
+    prepare, source, settings = (_pisa_build if args.model == "pisa-sr" else _s3diff_build)(args)
+    if source.demo and not args.quiet:
+        print(f"Building the built-in {args.model} DEMO: a tiny model with SD 2.1's block structure and seeded, "
+              "untrained weights (its output is not a real super-resolution).", file=sys.stderr)
     out = args.out or Path("artifacts") / f"{args.model}-x{args.scale}{'-demo' if source.demo else ''}"
-    path = build_pisa(source, settings, out, force=args.force, quiet=args.quiet)
-    print(path)
+    print(build(prepare, source, settings, out, force=args.force, quiet=args.quiet))
     return 0
+
+
+def _pisa_build(args):
+    from .export.pisa_recipe import prepare_pisa
+    from .models.pisa_reference import PisaSettings
+    from .models.sources import PisaSource, demo_pisa_source
+
+    if args.de_net is not None:
+        raise UserError("--de-net is for --model s3diff; PiSA-SR has no degradation estimator")
+    settings = PisaSettings(args.lambda_pix, args.lambda_sem, args.guidance, args.scale, args.process_size,
+                            args.color_fix or "adain").validate()
+    source = demo_pisa_source() if args.base is None else PisaSource(args.base, args.checkpoint)
+    return prepare_pisa, source, settings
+
+
+def _s3diff_build(args):
+    from .export.s3diff_recipe import S3DiffSettings, parse_degradation, prepare_s3diff
+    from .models.sources import S3DiffSource, demo_s3diff_source
+
+    settings = S3DiffSettings(parse_degradation(args.degradation), args.cfg_scale, args.color_fix or "wavelet",
+                              args.scale).validate()
+    if args.base is None:
+        if args.de_net is not None:
+            raise UserError("--de-net needs --base and --checkpoint too (or none of them for the demo)")
+        return prepare_s3diff, demo_s3diff_source(), settings
+    if args.de_net is None and settings.dynamic:
+        raise UserError("--degradation dynamic needs the estimator: pass --de-net de_net.pth "
+                        "(or a fixed --degradation BLUR,NOISE)")
+    return prepare_s3diff, S3DiffSource(args.base, args.checkpoint, args.de_net if settings.dynamic else None), settings
 
 
 def cmd_run(args) -> int:
@@ -147,7 +183,7 @@ def cmd_check(args) -> int:
 
     images = [(p.name, load_image(p)) for p in args.images] or [(SAMPLE_NAME, sample_image())]
     artifact = load_artifact(args.artifact)
-    reference = reference_for(artifact, args.base, args.checkpoint)
+    reference = reference_for(artifact, args.base, args.checkpoint, args.de_net)
     pipeline = load_pipeline(args.artifact, backend=args.backend, reference=reference)
     max_abs = args.max_abs if args.max_abs is not None else COMPONENT_MAX_ABS
     min_psnr = args.min_psnr if args.min_psnr is not None else END_TO_END_MIN_PSNR

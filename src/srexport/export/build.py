@@ -9,10 +9,10 @@ build and nothing is left behind.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from ..parity import compare
 from ..samples import SAMPLE_NAME, sample_image
 from .artifact import FORMAT_VERSION, atomic_folder, load_artifact, write_manifest
 from .onnx_export import OPSET, data_file_name, export_onnx
-from .specs import ComponentSpec, Geometry, unet_spec, vae_decoder_spec, vae_encoder_spec
+from .specs import ComponentSpec, Geometry
 
 # Shapes the graphs are traced and checked at. The trace shape has a latent
 # size that is not a multiple of 8, so the UNet's skip-connection upsampling
@@ -63,18 +63,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def pisa_specs(settings) -> dict[str, ComponentSpec]:
-    unets = ["unet"] if settings.guidance == "merged" else ["unet_pix", "unet_sem"]
-    specs = {"vae_encoder": vae_encoder_spec()}
-    for name in unets:
-        weights = {"unet": "W0 + dW_pix + (lambda_sem/lambda_pix) dW_sem, eps scaled by lambda_pix",
-                   "unet_pix": "W0 + dW_pix", "unet_sem": "W0 + dW_pix + dW_sem"}[name]
-        specs[name] = unet_spec(name, description=f"latent -> z0 = latent - eps; UNet weights {weights}; "
-                                                   "timestep 1 and empty-prompt embedding folded in")
-    specs["vae_decoder"] = vae_decoder_spec()
-    return specs
-
-
 def check_components(modules: dict, specs: dict[str, ComponentSpec], folder: Path, progress: Progress) -> dict:
     """Each ONNX graph against its PyTorch module, at every check geometry."""
     from ..runtime.runners import OnnxRuntimeRunner, TorchRunner
@@ -98,43 +86,27 @@ def check_components(modules: dict, specs: dict[str, ComponentSpec], folder: Pat
     return results
 
 
-def build_pisa(source, settings, out: Path, force: bool = False, quiet: bool = False) -> Path:
-    from ..models.pisa_reference import PisaReference
+@dataclass
+class Recipe:
+    """What one model contributes to a build; the steps after it are model-agnostic."""
+
+    reference: torch.nn.Module  # has components(), stage_tensors(lr), processing
+    specs: dict[str, ComponentSpec]
+    manifest: dict  # model-specific sections: description, model, processing, latent, denoise
+    sample_output: torch.Tensor  # the reference's output on the sample image
+    checks: dict = field(default_factory=dict)  # model-specific measurements (e.g. merged vs exact)
+
+
+def write_artifact(recipe: Recipe, out: Path, force: bool, progress: Progress) -> Path:
+    """Export, check and describe a prepared model into ``out``, atomically."""
     from ..runtime.pipeline import SRPipeline
     from ..runtime.runners import ort_runners
 
-    settings = settings.validate()
-    out = Path(out)
-    progress = Progress(6, quiet)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it or choose another --out")
-    progress(f"loading {'the built-in demo (untrained, seeded weights)' if source.demo else source.base}")
-    base, ckpt = source.load()
-    lr = sample_image()
-
-    progress("measuring merged vs exact guidance on the sample image")
-    other = "exact" if settings.guidance == "merged" else "merged"
-    agreement = None
-    if other == "merged" and settings.lambda_pix == 0:
-        progress.note("lambda_pix = 0 has no merged form; skipped")
-    else:
-        other_ref = PisaReference(dataclasses.replace(base, unet=copy.deepcopy(base.unet)), ckpt,
-                                  dataclasses.replace(settings, guidance=other))
-        other_out = other_ref(lr)
-        del other_ref
-    reference = PisaReference(base, ckpt, settings)
-    ref_out = reference(lr)
-    if other != "merged" or settings.lambda_pix != 0:
-        agreement = compare(other_out, ref_out, peak_to_peak=1.0)
-        progress.note(f"merged vs exact at lambda_pix={settings.lambda_pix}, lambda_sem={settings.lambda_sem}: "
-                      f"{agreement.describe()}")
-
-    specs = pisa_specs(settings)
-    modules = reference.components()
+    modules = recipe.reference.components()
     with atomic_folder(out, force) as tmp:
-        progress(f"exporting {len(specs)} graphs to ONNX (opset {OPSET})")
+        progress(f"exporting {len(recipe.specs)} graphs to ONNX (opset {OPSET})")
         files, components = {}, {}
-        for name, spec in specs.items():
+        for name, spec in recipe.specs.items():
             t = time.perf_counter()
             written = export_onnx(modules[name], spec, tmp / f"{name}.onnx", TRACE_GEOMETRY)
             for path in written:
@@ -146,26 +118,37 @@ def build_pisa(source, settings, out: Path, force: bool = False, quiet: bool = F
                           f"{time.perf_counter() - t:.1f} s")
 
         progress("checking each graph against its PyTorch module (onnxruntime, two shapes)")
-        component_parity = check_components(modules, specs, tmp, progress)
-
-        manifest = pisa_manifest(source, settings, reference, ckpt.ranks, components, files)
-        manifest["checks"] = {"components": component_parity}
-        if agreement is not None:
-            manifest["checks"]["merged_vs_exact"] = dict(agreement.to_dict(), input=SAMPLE_NAME)
+        manifest = {"format_version": FORMAT_VERSION, **recipe.manifest, "components": components, "files": files,
+                    "export": {"opset": OPSET, "exporter": "torch.onnx (TorchScript-based)", "cleanup": "onnxslim",
+                               "precision": "fp32", "io_dtype": "float32"},
+                    "versions": versions()}
+        manifest["checks"] = {"components": check_components(modules, recipe.specs, tmp, progress), **recipe.checks}
 
         progress("checking the whole ONNX pipeline against the PyTorch reference")
         pipeline = SRPipeline(manifest, ort_runners(_Unverified(tmp, manifest)))
-        end_to_end = compare(pipeline(lr), ref_out, peak_to_peak=1.0)
+        end_to_end = compare(pipeline(sample_image()), recipe.sample_output, peak_to_peak=1.0)
         progress.note(f"end to end: {end_to_end.describe()}")
         if end_to_end.psnr_db < END_TO_END_MIN_PSNR:
             raise RuntimeError(f"ONNX pipeline reaches only {end_to_end.psnr_db:.1f} dB against the reference "
                                f"(bound {END_TO_END_MIN_PSNR} dB)")
         manifest["checks"]["end_to_end"] = dict(end_to_end.to_dict(), input=SAMPLE_NAME,
-                                                output_size=list(ref_out.shape[-2:]))
+                                                output_size=list(recipe.sample_output.shape[-2:]))
         progress("writing manifest.json (sha256 of every file)")
         write_manifest(tmp, manifest)
     load_artifact(out)  # re-read: hashes and format must round-trip
     return out
+
+
+BUILD_STEPS = 6  # load, model-specific measurement, export, component checks, end to end, manifest
+
+
+def build(prepare, source, settings, out: Path, force: bool = False, quiet: bool = False) -> Path:
+    """``prepare(source, settings, progress) -> Recipe`` then the common steps."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it or choose another --out")
+    progress = Progress(BUILD_STEPS, quiet)
+    return write_artifact(prepare(source, settings, progress), out, force, progress)
 
 
 class _Unverified:
@@ -180,37 +163,3 @@ class _Unverified:
 
     def component_file(self, name: str, kind: str = "onnx") -> Path:
         return self.folder / self.manifest["files"][self.manifest["components"][name]["files"][kind]]["path"]
-
-
-def pisa_manifest(source, settings, reference, ranks: dict, components: dict, files: dict) -> dict:
-    from ..models.configs import VAE_SCALING_FACTOR
-    from ..models.pisa_reference import PISA_TIMESTEP
-
-    demo_note = (" Built-in demo: tiny SD 2.1-structured model with seeded, untrained weights;"
-                 " its output is not a meaningful super-resolution.") if source.demo else ""
-    return {
-        "format_version": FORMAT_VERSION,
-        "description": (
-            f"PiSA-SR x{settings.scale} ({settings.guidance} guidance, lambda_pix={settings.lambda_pix}, "
-            f"lambda_sem={settings.lambda_sem}) exported by srexport {__version__}. Run: pre-process (processing), "
-            "vae_encoder, the denoise plan's UNet graphs, vae_decoder, post-process. The encoder returns the "
-            "posterior mean, not a sample." + demo_note
-        ),
-        "model": {
-            "kind": "pisa-sr",
-            "demo": source.demo,
-            "settings": dataclasses.asdict(settings),
-            "lora": {"ranks": dict(ranks), "scaling": "lora_alpha 8 / rank (PEFT default)"},
-            "source": source.to_dict(),
-        },
-        "processing": reference.processing.to_dict(),
-        "latent": {"encoder_output": "posterior mean (upstream samples)", "scaling_factor": VAE_SCALING_FACTOR,
-                   "vae_factor": 8, "timestep": PISA_TIMESTEP, "prompt": ""},
-        "denoise": settings.denoise_plan(),
-        "components": components,
-        "files": files,
-        "export": {"opset": OPSET, "exporter": "torch.onnx (TorchScript-based)", "cleanup": "onnxslim",
-                   "precision": "fp32", "io_dtype": "float32"},
-        "versions": versions(),
-    }
-

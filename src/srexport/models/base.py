@@ -131,7 +131,9 @@ def build_base(arch: str = "demo", seed: int = 0, device: str | torch.device = "
         vae = AutoencoderKL(**arch_cfg["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**arch_cfg["text_encoder"]))
     _randomise_zero_inits(unet, seed)
-    tokenizer = demo_tokenizer() if arch == "demo" else None
+    # SD 2.1's real 49,408-token BPE vocabulary is a download; the byte-level
+    # demo tokenizer's ids fit any CLIP vocabulary, so it serves both shapes.
+    tokenizer = demo_tokenizer()
     return BaseModel(unet, vae, text_encoder, tokenizer, dict(configs.SD21_SCHEDULER)).eval()
 
 

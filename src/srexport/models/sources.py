@@ -69,6 +69,83 @@ def demo_pisa_source(seed: int = DEMO_SEED) -> PisaSource:
     return PisaSource(base_dir, ckpt_path, demo=True, seed=seed)
 
 
+def _materialise(folder: Path, write) -> None:
+    """Run ``write(tmp)`` once into a temporary sibling and rename it to ``folder``."""
+    if (folder / "complete").is_file():
+        return
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
+    try:
+        write(tmp)
+        (tmp / "complete").write_text("ok\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@dataclass
+class S3DiffSource:
+    base: Path
+    checkpoint: Path
+    de_net: Path | None  # not needed for a fixed degradation
+    demo: bool = False
+    seed: int | None = None
+
+    def to_dict(self) -> dict:
+        from ..export.artifact import sha256_of
+
+        d = {"base": str(self.base.absolute()), "checkpoint": str(self.checkpoint.absolute()),
+             "checkpoint_sha256": sha256_of(self.checkpoint), "demo": self.demo}
+        if self.de_net is not None:
+            d.update(de_net=str(self.de_net.absolute()), de_net_sha256=sha256_of(self.de_net))
+        if self.demo:
+            d["seed"] = self.seed
+        return d
+
+    def load(self):
+        from .s3diff import load_de_net, load_s3diff_checkpoint
+
+        ckpt = load_s3diff_checkpoint(self.checkpoint)
+        de_net = load_de_net(self.de_net) if self.de_net is not None else None
+        return load_base(self.base), ckpt, de_net
+
+
+def demo_s3diff_source(seed: int = DEMO_SEED) -> S3DiffSource:
+    """The demo's SD-Turbo-shaped diffusers folder, s3diff.pkl and de_net.pth, in the cache."""
+    from .s3diff import write_demo_checkpoints
+
+    folder = cache_dir() / f"demo-s3diff-seed{seed}"
+
+    def write(tmp: Path) -> None:
+        write_demo_base(tmp / "base", seed)
+        write_demo_checkpoints(tmp, seed)
+
+    _materialise(folder, write)
+    return S3DiffSource(folder / "base", folder / "s3diff.pkl", folder / "de_net.pth", demo=True, seed=seed)
+
+
+def s3diff_source_from_manifest(source: dict, base=None, checkpoint=None, de_net=None) -> S3DiffSource:
+    from ..export.artifact import sha256_of
+
+    if source.get("demo") and not (base or checkpoint or de_net):
+        return demo_s3diff_source(source.get("seed", DEMO_SEED))
+    result = S3DiffSource(Path(base or source["base"]), Path(checkpoint or source["checkpoint"]),
+                          Path(de_net or source["de_net"]) if (de_net or source.get("de_net")) else None)
+    for path, key in ((result.checkpoint, "checkpoint"), (result.de_net, "de_net")):
+        if path is None:
+            continue
+        if not path.is_file():
+            raise UserError(f"the artifact's {key} {path} is gone; pass --{key.replace('_', '-')} to check against it")
+        if sha256_of(path) != source[f"{key}_sha256"]:
+            raise UserError(f"{path} is not the {key} this artifact was built from (sha256 differs)")
+    return result
+
+
 def pisa_source_from_manifest(source: dict, base: str | None = None, checkpoint: str | None = None) -> PisaSource:
     from ..export.artifact import sha256_of
 

@@ -10,7 +10,7 @@ from .pipeline import SRPipeline
 from .runners import check_backend, ort_runners, torch_runners
 
 
-def reference_for(artifact, base: str | None = None, checkpoint: str | None = None):
+def reference_for(artifact, base: str | None = None, checkpoint: str | None = None, de_net: str | None = None):
     """Rebuild the PyTorch reference an artifact was exported from (its manifest's source)."""
     manifest = artifact.manifest
     kind = manifest["model"]["kind"]
@@ -21,6 +21,16 @@ def reference_for(artifact, base: str | None = None, checkpoint: str | None = No
         source = pisa_source_from_manifest(manifest["model"]["source"], base, checkpoint)
         loaded_base, ckpt = source.load()
         return PisaReference(loaded_base, ckpt, PisaSettings(**manifest["model"]["settings"]))
+    if kind == "s3diff":
+        from ..export.s3diff_recipe import S3DiffSettings
+        from ..models.s3diff.reference import S3DiffReference
+        from ..models.sources import s3diff_source_from_manifest
+
+        settings = S3DiffSettings(**manifest["model"]["settings"])
+        source = s3diff_source_from_manifest(manifest["model"]["source"], base, checkpoint, de_net)
+        loaded_base, ckpt, estimator = source.load()
+        return S3DiffReference(loaded_base, ckpt, estimator, cfg_scale=settings.cfg_scale,
+                               degradation=settings.degradation, color_fix=settings.color_fix)
     raise UserError(f"artifact model kind {kind!r} is not known to this srexport")
 
 

@@ -1,0 +1,83 @@
+"""PiSA-SR's part of a build: reference, specs, manifest sections, merged-vs-exact."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from .. import __version__
+from ..models.configs import VAE_SCALING_FACTOR
+from ..models.pisa_reference import PISA_TIMESTEP, PisaReference
+from ..parity import compare
+from ..samples import SAMPLE_NAME, sample_image
+from .build import Progress, Recipe
+from .specs import ComponentSpec, unet_spec, vae_decoder_spec, vae_encoder_spec
+
+_UNET_WEIGHTS = {
+    "unet": "W0 + dW_pix + (lambda_sem/lambda_pix) dW_sem, eps scaled by lambda_pix",
+    "unet_pix": "W0 + dW_pix",
+    "unet_sem": "W0 + dW_pix + dW_sem",
+}
+
+
+def pisa_specs(settings) -> dict[str, ComponentSpec]:
+    unets = ["unet"] if settings.guidance == "merged" else ["unet_pix", "unet_sem"]
+    specs = {"vae_encoder": vae_encoder_spec()}
+    for name in unets:
+        specs[name] = unet_spec(name, description=f"latent -> z0 = latent - eps; UNet weights {_UNET_WEIGHTS[name]}; "
+                                                   "timestep 1 and empty-prompt embedding folded in")
+    specs["vae_decoder"] = vae_decoder_spec()
+    return specs
+
+
+def prepare_pisa(source, settings, progress: Progress) -> Recipe:
+    settings = settings.validate()
+    progress(f"loading {'the built-in demo' if source.demo else source.base}")
+    base, ckpt = source.load()
+    lr = sample_image()
+
+    progress("measuring merged vs exact guidance on the sample image")
+    other = "exact" if settings.guidance == "merged" else "merged"
+    other_out = None
+    if other == "merged" and settings.lambda_pix == 0:
+        progress.note("lambda_pix = 0 has no merged form; skipped")
+    else:
+        # the reference merges into the UNet it is given: the other mode gets a copy
+        other_ref = PisaReference(dataclasses.replace(base, unet=copy.deepcopy(base.unet)), ckpt,
+                                  dataclasses.replace(settings, guidance=other))
+        other_out = other_ref(lr)
+        del other_ref
+    reference = PisaReference(base, ckpt, settings)
+    sample_output = reference(lr)
+    checks = {}
+    if other_out is not None:
+        agreement = compare(other_out, sample_output, peak_to_peak=1.0)
+        progress.note(f"merged vs exact at lambda_pix={settings.lambda_pix}, lambda_sem={settings.lambda_sem}: "
+                      f"{agreement.describe()}")
+        checks["merged_vs_exact"] = dict(agreement.to_dict(), input=SAMPLE_NAME)
+    return Recipe(reference, pisa_specs(settings), pisa_manifest(source, settings, reference, ckpt.ranks),
+                  sample_output, checks)
+
+
+def pisa_manifest(source, settings, reference, ranks: dict) -> dict:
+    demo_note = (" Built-in demo: tiny SD 2.1-structured model with seeded, untrained weights;"
+                 " its output is not a meaningful super-resolution.") if source.demo else ""
+    return {
+        "description": (
+            f"PiSA-SR x{settings.scale} ({settings.guidance} guidance, lambda_pix={settings.lambda_pix}, "
+            f"lambda_sem={settings.lambda_sem}) exported by srexport {__version__}. Run: pre-process (processing), "
+            "vae_encoder, the denoise plan's UNet graphs, vae_decoder, post-process. The encoder returns the "
+            "posterior mean, not a sample." + demo_note
+        ),
+        "model": {
+            "kind": "pisa-sr",
+            "demo": source.demo,
+            "settings": dataclasses.asdict(settings),
+            "lora": {"ranks": dict(ranks), "scaling": "lora_alpha 8 / rank (PEFT default)"},
+            "source": source.to_dict(),
+        },
+        "processing": reference.processing.to_dict(),
+        "latent": {"encoder_output": "posterior mean (upstream samples)", "scaling_factor": VAE_SCALING_FACTOR,
+                   "vae_factor": 8, "timestep": PISA_TIMESTEP, "prompt": ""},
+        "denoise": settings.denoise_plan(),
+    }
