@@ -1,4 +1,4 @@
-"""``srexport build | run | check | inspect``: thin shells over the API.
+"""``srexport build | run | check | bench | inspect``: thin shells over the API.
 
 Bad input ends with one line on stderr and exit status 2; a parity bound
 that fails ends ``check`` with status 1.
@@ -17,8 +17,15 @@ from .errors import UserError
 EXIT_PARITY_FAILED = 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (its default prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(UserError.exit_code, f"srexport: error: {message}; see '{self.prog} --help'\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="srexport",
         description="Export one-step diffusion super-resolution models (PiSA-SR, S3Diff) to verified ONNX "
                     "artifacts and run them.",
@@ -84,6 +91,45 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", help="the checkpoint, if it moved since the build")
     c.add_argument("--de-net", help="s3diff: the degradation estimator, if it moved since the build")
     c.add_argument("--json", type=Path, help="also write the report as JSON")
+    c.add_argument("--compare-image", type=Path, metavar="FILE.png",
+                   help="write a side-by-side picture per image: bicubic | reference | backend | amplified difference")
+
+    bn = sub.add_parser(
+        "bench", help="latency per stage against the PyTorch reference, with parity, as tables, JSON and a plot",
+        description=(
+            "Time each backend (and the precision it runs at) per stage and end to end at each LR size: warm-up runs "
+            "excluded, medians and p90 over --iters runs on rotating seeded inputs, CUDA events on a GPU. The "
+            "PyTorch eager baseline is fp32 on CPU and fp16 on a GPU (plus torch.compile there); speedups are "
+            "ratios to it. Each backend's output is compared with the PyTorch fp32 reference on the same inputs; "
+            "a variant below its PSNR bound ends the run with status 1. Backends that cannot run here are listed "
+            "as skipped with the reason."),
+    )
+    bn.add_argument("artifact", type=Path)
+    bn.add_argument("--backends", default="torch,ort",
+                    help="comma-separated: torch, torch-compile, ort, ort-cuda, trt (default: torch,ort)")
+    bn.add_argument("--sizes", default="64", help="LR sizes: N (square) or WxH, comma-separated (default: 64)")
+    bn.add_argument("--iters", type=int, default=20, help="timed runs per backend and size (default: 20)")
+    bn.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
+    bn.add_argument("--inputs", type=int, default=3, help="distinct seeded LR images rotated through (default: 3)")
+    bn.add_argument("--device", default="auto", help="where the PyTorch baseline runs: auto, cpu, cuda[:N] (default: auto)")
+    bn.add_argument("--threads", type=int, default=None, help="intra-op threads for onnxruntime")
+    bn.add_argument("--timer", choices=["auto", "host"], default="auto",
+                    help="auto: CUDA events on the runners' stream on a GPU, perf_counter on CPU; host: perf_counter "
+                         "with a device synchronisation at every stage boundary")
+    bn.add_argument("--no-compile", action="store_true", help="on a GPU, skip the torch.compile baseline")
+    bn.add_argument("--min-psnr", default=None, metavar="DB|PREC=DB,...",
+                    help="end-to-end PSNR bound against the fp32 reference (default: fp32=50, fp16=30, int8=25)")
+    bn.add_argument("--max-abs", type=float, default=None, help="also bound the end-to-end max abs difference")
+    bn.add_argument("--gpu", default="auto", help="the GPU whose floor the cost model reports: h100-sxm, h100-pcie, "
+                                                  "h200 (default: auto, the CUDA device here, else h100-sxm)")
+    bn.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense peak rate (TFLOP/s)")
+    bn.add_argument("--peak-gbps", type=float, default=None, help="override the GPU's memory bandwidth (GB/s)")
+    bn.add_argument("--seed", type=int, default=0, help="seed of the LR inputs (default: 0)")
+    bn.add_argument("--json", type=Path, help="write the report as JSON (schema srexport.bench v1)")
+    bn.add_argument("--plot", type=Path, metavar="FILE.png", help="write stacked per-stage bars and parity as PNG")
+    bn.add_argument("--base", help="the base folder, if it moved since the build")
+    bn.add_argument("--checkpoint", help="the checkpoint, if it moved since the build")
+    bn.add_argument("--de-net", help="s3diff: the degradation estimator, if it moved since the build")
 
     i = sub.add_parser("inspect", help="print an artifact's manifest readably")
     i.add_argument("artifact", type=Path)
@@ -146,7 +192,9 @@ def _s3diff_build(args):
 
 
 def cmd_run(args) -> int:
-    from .runtime.images import check_output_path, list_images, load_image, save_image
+    from .export.artifact import read_manifest
+    from .processing import Processing, check_input_size
+    from .runtime.images import check_output_path, list_images, load_image, probe_image, save_image
     from .runtime.loading import load_pipeline
 
     if args.input.is_dir():
@@ -155,20 +203,32 @@ def cmd_run(args) -> int:
             raise UserError(f"{args.input} holds no images ({', '.join(('png', 'jpg', 'tif', 'bmp', 'webp'))})")
         if args.output.exists() and not args.output.is_dir():
             raise UserError(f"{args.output} is a file; for a folder input, -o must be a folder")
-        args.output.mkdir(parents=True, exist_ok=True)
         jobs = [(p, args.output / (p.stem + ".png")) for p in inputs]
+        clash = [p.name for p, out in jobs if sum(o == out for _, o in jobs) > 1]
+        if clash:
+            raise UserError(f"{', '.join(clash[:3])} would all be written to the same output name; "
+                            "rename them or run them separately")
     else:
         if not args.input.exists():
             raise UserError(f"input {args.input} does not exist")
         jobs = [(args.input, args.output)]
-    for _, out in jobs:
-        check_output_path(out, args.force)
-    first = load_image(jobs[0][0])  # a bad input fails before the models load
+    if not args.input.is_dir():
+        check_output_path(args.output, args.force)
+    elif args.output.is_dir():
+        for _, out in jobs:
+            check_output_path(out, args.force)
+    # Every input is probed (header only) before the models load, so a bad file
+    # late in a folder stops the run before anything is written.
+    processing = Processing.from_dict(read_manifest(args.artifact)["processing"])
+    for src, _ in jobs:
+        check_input_size(*probe_image(src), processing, name=str(src))
     pipeline = load_pipeline(args.artifact, backend=args.backend, threads=args.threads)
+    if args.input.is_dir():
+        args.output.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
-    for k, (src, out) in enumerate(tqdm(jobs, disable=len(jobs) == 1, unit="image", file=sys.stderr)):
-        save_image(pipeline(first if k == 0 else load_image(src)), out)
+    for src, out in tqdm(jobs, disable=len(jobs) == 1, unit="image", file=sys.stderr):
+        save_image(pipeline(load_image(src)), out)
     if len(jobs) == 1:
         print(jobs[0][1])
     return 0
@@ -185,6 +245,11 @@ def cmd_check(args) -> int:
     artifact = load_artifact(args.artifact)
     reference = reference_for(artifact, args.base, args.checkpoint, args.de_net)
     pipeline = load_pipeline(args.artifact, backend=args.backend, reference=reference)
+    if (args.max_abs is not None and args.max_abs <= 0) or (args.min_psnr is not None and args.min_psnr <= 0):
+        raise UserError("--max-abs and --min-psnr must be positive numbers")
+    if args.compare_image is not None and (args.compare_image.suffix.lower() != ".png"
+                                           or not args.compare_image.absolute().parent.is_dir()):
+        raise UserError(f"--compare-image {args.compare_image} must be a .png file in an existing folder")
     max_abs = args.max_abs if args.max_abs is not None else COMPONENT_MAX_ABS
     min_psnr = args.min_psnr if args.min_psnr is not None else END_TO_END_MIN_PSNR
     reports, problems = [], []
@@ -201,6 +266,13 @@ def cmd_check(args) -> int:
     if args.json:
         args.json.write_text(json.dumps({"backend": args.backend, "max_abs": max_abs, "min_psnr": min_psnr,
                                          "images": [r.to_dict() for r in reports], "failures": problems}, indent=2))
+    if args.compare_image:
+        from .plots import side_by_side
+
+        rows = [dict(r.images, name=f"{r.name}: {r.end_to_end.describe()}", backend=f"{args.backend} backend",
+                     filter=reference.processing.upscale_filter) for r in reports]
+        side_by_side(rows).save(args.compare_image)
+        print(args.compare_image)
     if problems:
         print("FAILED: " + "; ".join(problems), file=sys.stderr)
         return EXIT_PARITY_FAILED
@@ -217,7 +289,34 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"build": cmd_build, "run": cmd_run, "check": cmd_check, "inspect": cmd_inspect}
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, format_report, parse_min_psnr, parse_sizes, run_bench
+
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None and not path.absolute().parent.is_dir():
+            raise UserError(f"the folder of {flag} {path} does not exist; create it first")
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise UserError(f"--plot {args.plot} must end in .png")
+    config = BenchConfig(
+        backends=[b.strip() for b in args.backends.split(",") if b.strip()], sizes=parse_sizes(args.sizes),
+        iters=args.iters, warmup=args.warmup, inputs=args.inputs, device=args.device, threads=args.threads,
+        seed=args.seed, timer=args.timer, compile=not args.no_compile,
+        min_psnr=parse_min_psnr(args.min_psnr) if args.min_psnr else {}, max_abs=args.max_abs, gpu=args.gpu,
+        peak_tflops=args.peak_tflops, peak_gbps=args.peak_gbps, base=args.base, checkpoint=args.checkpoint,
+        de_net=args.de_net).validate()
+    report = run_bench(args.artifact, config)
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(args.json)
+    if args.plot:
+        from .plots import plot_bench
+
+        print(plot_bench(report, args.plot))
+    return 0 if report["passed"] else EXIT_PARITY_FAILED
+
+
+COMMANDS = {"build": cmd_build, "run": cmd_run, "check": cmd_check, "bench": cmd_bench, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

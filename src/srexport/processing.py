@@ -53,13 +53,17 @@ class Prepared:
     pre_resized: bool
 
 
+def check_input_size(height: int, width: int, p: Processing, name: str = "image") -> None:
+    if min(height, width) < p.min_input_side():
+        raise UserError(
+            f"{name} is {width}x{height}; this model needs at least {p.min_input_side()} pixels per side at x{p.scale}"
+        )
+
+
 def preprocess(lr: torch.Tensor, p: Processing) -> Prepared:
     """LR image (1,3,h,w) in [0,1] -> encoder input in [-1,1] (UPSTREAM.md step 1 / 2)."""
     h, w = lr.shape[-2:]
-    if min(h, w) < p.min_input_side():
-        raise UserError(
-            f"image is {w}x{h}; this model needs at least {p.min_input_side()} pixels per side at x{p.scale}"
-        )
+    check_input_size(h, w, p)
     pre_resized = bool(p.min_lr_side) and min(h, w) < p.min_lr_side
     x = lr
     if pre_resized:

@@ -110,6 +110,8 @@ def read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); rebuild the artifact") from None
+    if not isinstance(manifest, dict) or not {"files", "components", "model"} <= manifest.keys():
+        raise UserError(f"{path} is not an srexport manifest (missing files/components/model); rebuild the artifact")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise UserError(f"{path} has format_version {version}; this srexport reads {FORMAT_VERSION}: rebuild the artifact")

@@ -143,12 +143,19 @@ BUILD_STEPS = 6  # load, model-specific measurement, export, component checks, e
 
 
 def build(prepare, source, settings, out: Path, force: bool = False, quiet: bool = False) -> Path:
-    """``prepare(source, settings, progress) -> Recipe`` then the common steps."""
+    """``prepare(source, loaded, settings, progress) -> Recipe``, then the common steps.
+
+    The source is loaded (and every input validated) before anything is
+    printed, so bad input ends with its one-line error alone.
+    """
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it or choose another --out")
+    t = time.perf_counter()
+    loaded = source.load()
     progress = Progress(BUILD_STEPS, quiet)
-    return write_artifact(prepare(source, settings, progress), out, force, progress)
+    progress(f"loaded {'the built-in demo' if source.demo else source.base} in {time.perf_counter() - t:.1f} s")
+    return write_artifact(prepare(source, loaded, settings, progress), out, force, progress)
 
 
 class _Unverified:

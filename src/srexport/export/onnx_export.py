@@ -49,15 +49,23 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: Path, sample
                 do_constant_folding=True,
             )
         model = onnx.load(str(raw), load_external_data=True)
-        model = _slim(model)
+        large = not _fits_bytesize(model)
+        model = _slim(model, large)
         stamp_spec(model, spec)
-        return save_model(model, path)
+        written = save_model(model, path)
+        del model
+        # Shape inference by path works at any size (onnxslim's in-memory pass
+        # cannot serialise graphs over 2 GB, so it is skipped for those).
+        onnx.shape_inference.infer_shapes_path(str(path))
+        onnx.checker.check_model(str(path), full_check=False)
+        return written
 
 
-def _slim(model: onnx.ModelProto) -> onnx.ModelProto:
+def _slim(model: onnx.ModelProto, large: bool) -> onnx.ModelProto:
+    """Constant folding, dead-code removal, fusion of trivial patterns."""
     import onnxslim
 
-    return onnxslim.slim(model)
+    return onnxslim.slim(model, no_shape_infer=large)
 
 
 def stamp_spec(model: onnx.ModelProto, spec: ComponentSpec) -> None:
@@ -97,7 +105,6 @@ def save_model(model: onnx.ModelProto, path: Path) -> list[Path]:
                         location=data.name, size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path), full_check=False)
     return [path, data] if large else [path]
 
 

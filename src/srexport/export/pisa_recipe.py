@@ -30,10 +30,9 @@ def pisa_specs(settings) -> dict[str, ComponentSpec]:
     return specs
 
 
-def prepare_pisa(source, settings, progress: Progress) -> Recipe:
+def prepare_pisa(source, loaded, settings, progress: Progress) -> Recipe:
     settings = settings.validate()
-    progress(f"loading {'the built-in demo' if source.demo else source.base}")
-    base, ckpt = source.load()
+    base, ckpt = loaded
     lr = sample_image()
 
     progress("measuring merged vs exact guidance on the sample image")

@@ -67,12 +67,11 @@ def s3diff_specs(settings: S3DiffSettings) -> dict[str, ComponentSpec]:
     return specs
 
 
-def prepare_s3diff(source, settings: S3DiffSettings, progress: Progress) -> Recipe:
+def prepare_s3diff(source, loaded, settings: S3DiffSettings, progress: Progress) -> Recipe:
     from ..models.s3diff.reference import NEGATIVE_PROMPT, POSITIVE_PROMPT, S3DiffReference
 
     settings = settings.validate()
-    progress(f"loading {'the built-in demo' if source.demo else source.base}")
-    base, ckpt, de_net = source.load()
+    base, ckpt, de_net = loaded
     progress("building the S3Diff reference " + ("(dynamic degradation)" if settings.dynamic
                                                  else f"(LoRA merged for degradation {settings.degradation})"))
     reference = S3DiffReference(base, ckpt, de_net, cfg_scale=settings.cfg_scale, degradation=settings.degradation,

@@ -97,9 +97,14 @@ def parse_pisa_checkpoint(raw: object, path: Path | None = None) -> PisaCheckpoi
         if extra:
             parts.append("unexpected keys " + ", ".join(map(str, extra[:5])) + (" ..." if len(extra) > 5 else ""))
         raise UserError(f"{where} is not a PiSA-SR checkpoint: {'; '.join(parts)}")
+    for key in sorted(CHECKPOINT_KEYS):
+        if "_modules_" in key:
+            value = raw[key]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) for m in value):
+                raise UserError(f"{where}: {key} must be a list of UNet module names, got {type(value).__name__}")
     for branch in BRANCHES:
         rank = raw[f"lora_rank_unet_{branch}"]
-        if not isinstance(rank, int) or rank <= 0:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
             raise UserError(f"{where}: lora_rank_unet_{branch} must be a positive int, got {rank!r}")
     state_dict = raw["state_dict_unet"]
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -119,7 +124,7 @@ def _check_lists_match_tensors(ckpt: PisaCheckpoint, where: str) -> None:
         for part in PARTS:
             adapter = f"default_{part}_{branch}"
             listed = set(ckpt.modules[branch][part])
-            have = set(lora_pairs(ckpt.state_dict, adapter))
+            have = {k[: -len(f".lora_A.{adapter}.weight")] for k in ckpt.state_dict if k.endswith(f".lora_A.{adapter}.weight")}
             if listed != have:
                 diff = sorted(listed ^ have)
                 raise UserError(
@@ -129,6 +134,12 @@ def _check_lists_match_tensors(ckpt: PisaCheckpoint, where: str) -> None:
             for module in listed:
                 if module + f".lora_B.{adapter}.weight" not in ckpt.state_dict:
                     raise UserError(f"{where}: {module} has lora_A but no lora_B for adapter {adapter}")
+    expected = {f"{m}.lora_{ab}.default_{part}_{branch}.weight"
+                for branch in BRANCHES for part in PARTS for m in ckpt.modules[branch][part] for ab in "AB"}
+    stray = sorted(set(ckpt.state_dict) - expected)
+    if stray:
+        raise UserError(f"{where}: state_dict_unet holds {len(stray)} tensors that belong to no listed LoRA module "
+                        f"(e.g. {stray[0]}); PiSA-SR stores only LoRA pairs")
 
 
 def validate_against_unet(ckpt: PisaCheckpoint, unet: nn.Module) -> None:

@@ -50,6 +50,9 @@ class PisaSettings:
             )
         if self.scale < 1:
             raise UserError(f"--scale must be a positive integer, got {self.scale}")
+        if self.process_size < 8 * self.scale:
+            raise UserError(f"--process-size {self.process_size} is too small; use at least {8 * self.scale} "
+                            f"(upstream uses 512)")
         return self
 
     def processing(self) -> Processing:

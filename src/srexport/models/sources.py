@@ -39,7 +39,13 @@ class PisaSource:
         return d
 
     def load(self) -> tuple[BaseModel, object]:
-        return load_base(self.base), load_pisa_checkpoint(self.checkpoint)
+        """Base and checkpoint, validated against each other (all input errors surface here)."""
+        from .pisa import validate_against_unet
+
+        ckpt = load_pisa_checkpoint(self.checkpoint)  # cheap checks first
+        base = load_base(self.base)
+        validate_against_unet(ckpt, base.unet)
+        return base, ckpt
 
 
 def demo_pisa_source(seed: int = DEMO_SEED) -> PisaSource:
@@ -108,11 +114,16 @@ class S3DiffSource:
         return d
 
     def load(self):
-        from .s3diff import load_de_net, load_s3diff_checkpoint
+        """Base, checkpoint and estimator, validated against each other (all input errors surface here)."""
+        from .s3diff import load_de_net, load_s3diff_checkpoint, validate
+        from .s3diff.reference import OneStepSchedule
 
         ckpt = load_s3diff_checkpoint(self.checkpoint)
         de_net = load_de_net(self.de_net) if self.de_net is not None else None
-        return load_base(self.base), ckpt, de_net
+        base = load_base(self.base)
+        validate(ckpt, base.unet, base.vae)
+        OneStepSchedule.from_config(base.scheduler_config)
+        return base, ckpt, de_net
 
 
 def demo_s3diff_source(seed: int = DEMO_SEED) -> S3DiffSource:

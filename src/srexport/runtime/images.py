@@ -53,6 +53,22 @@ def load_image(path: str | Path) -> torch.Tensor:
         raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} (truncated or corrupt?)") from None
 
 
+def probe_image(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the header alone, failing like ``load_image`` on non-images."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"input {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except UnidentifiedImageError:
+        raise UserError(f"{path} is not an image Pillow can read; pass a PNG, JPEG, TIFF, BMP or WebP file") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def tensor_to_pil(image: torch.Tensor):
     from PIL import Image
 
@@ -66,6 +82,8 @@ def check_output_path(path: str | Path, force: bool) -> Path:
         raise UserError(f"output {path} has an unknown image extension; use one of {', '.join(IMAGE_SUFFIXES)}")
     if path.exists() and not force:
         raise UserError(f"{path} already exists; pass --force to overwrite it")
+    if path.is_dir():
+        raise UserError(f"output {path} is a folder; pass an image file name (or a folder input for folder output)")
     if not path.parent.is_dir():
         raise UserError(f"the folder of output {path} does not exist; create it first")
     return path

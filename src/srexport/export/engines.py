@@ -1,0 +1,522 @@
+"""TensorRT engines: tile-shaped builds from an artifact's graphs, and whether one may load here.
+
+``build_engines`` adds one serialised engine per component to an existing
+artifact (``srexport build --engines`` runs it right after the ONNX build;
+``srexport engines ARTIFACT`` runs it later, on the GPU machine that will serve).
+Every engine is:
+- built from the ONNX graph the artifact already holds and onnxruntime already
+  checked, by TensorRT's ONNX parser into a *strongly typed* network: the
+  graph's own dtypes decide the precision (fp16 graphs give fp16 layers, Q/DQ
+  graphs int8 ones); there are no FP16/INT8 builder flags (TensorRT 11 removed
+  them);
+- given one optimisation profile read from the component spec at the tile
+  geometry: batch 1 to ``tile_batch``, height and width fixed at the tile;
+- described in the manifest with what decides whether it can load elsewhere:
+  TensorRT version, GPU name and compute capability, hardware-compatibility
+  level, version compatibility, plus the profile, builder optimisation level,
+  workspace limit and sha256.
+
+``engine_problems`` is that decision as a pure function of a manifest entry and
+a ``Machine`` (the running TensorRT version and GPU), so it is tested with
+simulated values on machines without either.
+
+TensorRT is imported lazily (``require_tensorrt``); where it is missing, the
+commands that need it fail at once with one line that names the package and
+the command that builds engines on a GPU machine. It cannot be installed on
+the development machines, so the code that calls it is exercised there only
+through a recording fake (tests/test_engines.py); every ``trt.`` name used here
+is checked against TensorRT 11.4's bindings (tests/test_trt_support.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from .artifact import load_artifact, sha256_of, write_manifest
+from .specs import ComponentSpec, Geometry, VAE_FACTOR
+
+TENSORRT_PACKAGE = "tensorrt"
+ENGINES_COMMAND = "srexport engines ARTIFACT"
+ENGINE_SUFFIX = ".engine"
+TIMING_CACHE_SUFFIX = ".trt-timing-cache"
+
+# --hardware-compat value -> TensorRT's HardwareCompatibilityLevel member name.
+HARDWARE_LEVELS = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
+AMPERE = (8, 0)
+# Cross-major pairs TensorRT runs version-compatible engines across (support
+# matrix, 11.4.1): 8 -> 10 and 10 -> 11; every other cross-major pair is refused.
+_CROSS_MAJOR_VERSION_COMPAT = {(8, 10), (10, 11)}
+
+# Components that run once on the whole LR image, not per tile (S3Diff's
+# degradation estimator): their profile spans image sizes, batch 1.
+WHOLE_IMAGE_COMPONENTS = ("degradation",)
+WHOLE_IMAGE_MAX_LR_SIDE = 2048
+
+
+# ----------------------------------------------------------------------------------------
+# TensorRT, lazily.
+
+
+def require_tensorrt(purpose: str):
+    """``import tensorrt``, or a one-line UserError that says what to do instead."""
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as exc:  # OSError: bindings present, libnvinfer missing
+        reason = " ".join(str(exc).split())[:120]
+        raise UserError(
+            f"{purpose} needs TensorRT, and the Python package '{TENSORRT_PACKAGE}' cannot be imported here "
+            f"({reason}); on an NVIDIA GPU machine run 'pip install {TENSORRT_PACKAGE}' and then "
+            f"'{ENGINES_COMMAND}' (the ONNX artifact itself needs no TensorRT)") from None
+    return trt
+
+
+def tensorrt_major(version: str) -> int:
+    return _version_tuple(version)[0]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = re.findall(r"\d+", str(version))
+    if not parts:
+        raise ValueError(f"not a version: {version!r}")
+    return tuple(int(p) for p in parts)
+
+
+# ----------------------------------------------------------------------------------------
+# Build options and profiles (pure; tested everywhere).
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How engines are built. ``workspace_gib`` None leaves TensorRT's default (the device's memory)."""
+
+    tile_batch: int = 4
+    opt_level: int = 3
+    workspace_gib: float | None = None
+    hardware_compat: str = "none"
+    version_compatible: bool = False
+    timing_cache: Path | None = None  # default: <artifact>.trt-timing-cache beside the folder
+
+    def validate(self) -> "EngineOptions":
+        if not 1 <= self.tile_batch <= 256:
+            raise UserError(f"--tile-batch {self.tile_batch} is out of range; use 1 to 256")
+        if not 0 <= self.opt_level <= 5:
+            raise UserError(f"--opt-level {self.opt_level} is out of range; TensorRT's levels are 0 to 5")
+        if self.workspace_gib is not None and not self.workspace_gib > 0:
+            raise UserError(f"--workspace-gib {self.workspace_gib} must be a positive number of GiB")
+        if self.hardware_compat not in HARDWARE_LEVELS:
+            raise UserError(f"--hardware-compat {self.hardware_compat!r} is not one of {', '.join(HARDWARE_LEVELS)}")
+        return self
+
+    @property
+    def workspace_bytes(self) -> int | None:
+        return None if self.workspace_gib is None else int(self.workspace_gib * 2**30)
+
+
+def timing_cache_path(folder: Path, options: EngineOptions) -> Path:
+    """Beside the artifact (not in it: a rebuild with --force replaces the folder, the cache survives)."""
+    if options.timing_cache is not None:
+        return Path(options.timing_cache)
+    folder = Path(folder).absolute()
+    return folder.parent / (folder.name + TIMING_CACHE_SUFFIX)
+
+
+def engine_geometries(manifest: dict, tile_batch: int) -> tuple[tuple[Geometry, Geometry, Geometry], str]:
+    """(smallest, typical, largest) geometry of the tiled components' profiles, and where the tile came from.
+
+    Batch runs from 1 (smallest) to ``tile_batch`` (typical and largest); the
+    tile's height and width are whatever the tiling gives (one fixed shape).
+    """
+    scale = int(manifest["processing"]["scale"])
+    # ---- the single place engines learn the tile shape (tiled execution, runtime/tiling.py) ----
+    try:
+        from ..runtime.tiling import tile_geometries
+    except ImportError:  # tiling not there yet: read the manifest's section defensively
+        tile_geometries = None
+    if tile_geometries is not None:
+        smallest, typical, largest = tile_geometries(manifest)
+        source = "runtime.tiling.tile_geometries"
+    else:
+        tile = _tile_from_manifest(manifest, scale)
+        if tile is not None:
+            smallest = typical = largest = tile
+            source = "manifest tiling section"
+        else:
+            # No tiling in this artifact: whole images up to twice the process size per side.
+            side = _process_side(manifest, scale)
+            smallest = Geometry(1, VAE_FACTOR * 8, VAE_FACTOR * 8, scale)
+            typical = Geometry(1, side, side, scale)
+            largest = Geometry(1, 2 * side, 2 * side, scale)
+            source = "no tiling section: whole images, 64 px to twice the process size per side"
+    # ---------------------------------------------------------------------------------------------
+    return (dataclasses.replace(smallest, batch=1), dataclasses.replace(typical, batch=tile_batch),
+            dataclasses.replace(largest, batch=tile_batch)), source
+
+
+def _tile_from_manifest(manifest: dict, scale: int) -> Geometry | None:
+    """The tile as output-resolution pixels from a ``tiling`` section, if it has a recognisable one."""
+    tiling = manifest.get("tiling")
+    if not isinstance(tiling, dict):
+        return None
+    factor = VAE_FACTOR if str(tiling.get("unit", "")).startswith("latent") else 1
+    for h_key, w_key in (("tile_height", "tile_width"), ("tile_size", "tile_size"), ("tile", "tile")):
+        h, w = tiling.get(h_key), tiling.get(w_key)
+        if isinstance(h, (list, tuple)) and len(h) == 2:
+            h, w = h
+        if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+            return Geometry(1, h * factor, w * factor, scale)
+    return None
+
+
+def _process_side(manifest: dict, scale: int) -> int:
+    side = int(manifest["processing"].get("min_lr_side") or 0) * scale or 512
+    return max(VAE_FACTOR * 8, side // VAE_FACTOR * VAE_FACTOR)
+
+
+def whole_image_geometries(manifest: dict) -> tuple[Geometry, Geometry, Geometry]:
+    """Profile of a whole-image component: the smallest LR the model accepts up to WHOLE_IMAGE_MAX_LR_SIDE."""
+    from ..processing import Processing
+
+    processing = Processing.from_dict(manifest["processing"])
+    s = processing.scale
+    lo = processing.min_input_side()
+    opt = max(lo, _process_side(manifest, s) // s)
+    return Geometry(1, lo * s, lo * s, s), Geometry(1, opt * s, opt * s, s), \
+        Geometry(1, WHOLE_IMAGE_MAX_LR_SIDE * s, WHOLE_IMAGE_MAX_LR_SIDE * s, s)
+
+
+def engine_profiles(specs: dict[str, ComponentSpec], tiled: tuple[Geometry, Geometry, Geometry],
+                    whole_image: tuple[Geometry, Geometry, Geometry] | None = None) -> dict[str, dict]:
+    """component -> input -> {"min", "opt", "max"} shapes, read from the specs (nothing restated)."""
+    profiles = {}
+    for name, spec in specs.items():
+        geometries = whole_image if (name in WHOLE_IMAGE_COMPONENTS and whole_image) else tiled
+        profiles[name] = {tensor: {"min": list(lo), "opt": list(opt), "max": list(hi)}
+                          for tensor, (lo, opt, hi) in spec.profile(*geometries).items()}
+    return profiles
+
+
+# ----------------------------------------------------------------------------------------
+# Compatibility of a built engine with the running machine (pure; tested everywhere).
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What an engine has to match: the running TensorRT and GPU."""
+
+    tensorrt_version: str | None
+    device_name: str | None
+    compute_capability: tuple[int, int] | None
+
+    def to_dict(self) -> dict:
+        return {"tensorrt_version": self.tensorrt_version, "device_name": self.device_name,
+                "compute_capability": list(self.compute_capability) if self.compute_capability else None}
+
+
+def engine_problems(entry: dict, machine: Machine) -> list[str]:
+    """Why an engine described by ``entry`` (a manifest engine record) must not load on ``machine``.
+
+    TensorRT version: equal major.minor.patch, unless the engine is version
+    compatible: then the runtime may be newer within the major version, or one
+    of the cross-major pairs TensorRT supports (10 -> 11). GPU: the same compute
+    capability, unless the hardware-compatibility level is AMPERE_PLUS (any GPU
+    of compute capability 8.0 or later).
+    """
+    problems = []
+    built = entry.get("tensorrt_version")
+    running = machine.tensorrt_version
+    if running is None:
+        problems.append("TensorRT is not installed here")
+    elif built is None:
+        problems.append("the manifest does not say which TensorRT built the engine")
+    else:
+        b, r = _version_tuple(built)[:3], _version_tuple(running)[:3]
+        if entry.get("version_compatible"):
+            same_major = b[0] == r[0] or (b[0], r[0]) in _CROSS_MAJOR_VERSION_COMPAT
+            if r < b or not same_major:
+                problems.append(f"version-compatible engine built with TensorRT {built} cannot run on TensorRT "
+                                f"{running} (it runs on {b[0]}.x from {built} on"
+                                + (f", and on {b[0] + 1}.x" if (b[0], b[0] + 1) in _CROSS_MAJOR_VERSION_COMPAT
+                                   else "") + ")")
+        elif b != r:
+            problems.append(f"engine built with TensorRT {built}, this machine has TensorRT {running} "
+                            f"(engines load only on the TensorRT version that built them unless built "
+                            f"version-compatible)")
+
+    built_cc = entry.get("compute_capability")
+    level = entry.get("hardware_compatibility_level", "NONE")
+    running_cc = machine.compute_capability
+    if running_cc is None:
+        problems.append("no NVIDIA GPU is visible here")
+    elif built_cc is None:
+        problems.append("the manifest does not say which GPU the engine was built for")
+    else:
+        b_cc, r_cc = tuple(built_cc), tuple(running_cc)
+        if level == "AMPERE_PLUS":
+            if r_cc < AMPERE:
+                problems.append(f"engine built hardware-compatible for Ampere and later (compute capability >= 8.0); "
+                                f"this GPU is {_cc(r_cc)}")
+        elif level in ("NONE", "SAME_COMPUTE_CAPABILITY"):
+            if b_cc != r_cc:
+                problems.append(f"engine built for compute capability {_cc(b_cc)} "
+                                f"({entry.get('device_name', 'unknown GPU')}), this GPU "
+                                f"({machine.device_name}) is {_cc(r_cc)} (build with --hardware-compat ampere+ "
+                                f"for engines that move between GPU generations)")
+        else:
+            problems.append(f"unknown hardware-compatibility level {level!r} in the manifest")
+    return problems
+
+
+def engine_notes(entry: dict, machine: Machine) -> list[str]:
+    """Things worth a warning that do not stop an engine from loading."""
+    notes = []
+    if (entry.get("hardware_compatibility_level", "NONE") == "NONE" and machine.device_name
+            and entry.get("device_name") and machine.device_name != entry["device_name"]):
+        notes.append(f"engine was built on {entry['device_name']}, this is {machine.device_name}: same compute "
+                     f"capability, so it loads, but its tactics were timed on the other GPU")
+    return notes
+
+
+def check_engine_compatible(name: str, entry: dict, machine: Machine, artifact: Path) -> None:
+    """Raise a one-line UserError naming every mismatch and the command that rebuilds."""
+    problems = engine_problems(entry, machine)
+    if problems:
+        raise UserError(f"TensorRT engine '{name}' of {artifact} cannot run here: {'; '.join(problems)}; rebuild "
+                        f"the engines on this machine with 'srexport engines {artifact} --force'")
+
+
+def _cc(cc) -> str:
+    return f"{cc[0]}.{cc[1]}"
+
+
+def current_machine(trt=None) -> Machine:
+    """The running TensorRT version and GPU 0 (as PyTorch sees it)."""
+    version = getattr(trt, "__version__", None) if trt is not None else None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            index = torch.cuda.current_device()
+            return Machine(version, torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)))
+    except Exception:  # a broken CUDA install reads as "no GPU"
+        pass
+    return Machine(version, None, None)
+
+
+# ----------------------------------------------------------------------------------------
+# The TensorRT parser op check, on every graph of an artifact.
+
+
+def parser_check(folder: Path, manifest: dict, majors: tuple[int, ...] = (10, 11)) -> dict:
+    """component -> {"10": [problems], "11": [problems]}: the static TensorRT parser check of each graph."""
+    from .trt_support import check_graph
+
+    results = {}
+    for name, component in manifest["components"].items():
+        path = Path(folder) / manifest["files"][component["files"]["onnx"]]["path"]
+        results[name] = {str(major): check_graph(path, trt_major=major) for major in majors}
+    return results
+
+
+def _op_check_major(version: str) -> int:
+    from .trt_support import OP_SUPPORT
+
+    major = tensorrt_major(version)
+    return major if major in OP_SUPPORT else max(OP_SUPPORT)
+
+
+# ----------------------------------------------------------------------------------------
+# Building (needs TensorRT and a GPU).
+
+
+class _Progress:
+    def __init__(self, quiet: bool):
+        self.quiet, self.start = quiet, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[engines] {message}  ({time.perf_counter() - self.start:.1f} s)", file=sys.stderr, flush=True)
+
+
+def build_engine(trt, logger, onnx_path: Path, spec: ComponentSpec, profile: dict, options: EngineOptions,
+                 timing_cache=None):
+    """One component's ONNX graph -> serialised engine (an ``IHostMemory``), and the timing cache used.
+
+    The calls follow TensorRT's documented order: builder, strongly typed
+    network, ONNX parser, builder config (optimisation level, workspace,
+    hardware and version compatibility, timing cache), one optimisation
+    profile from the spec, ``build_serialized_network``.
+    """
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    # By path, so graphs with external weights (.onnx.data) load too.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [" ".join(str(parser.get_error(i)).split()) for i in range(parser.num_errors)]
+        raise UserError(f"TensorRT's ONNX parser rejected {onnx_path.name}: " + "; ".join(errors[:3])
+                        + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""))
+    inputs = sorted(network.get_input(i).name for i in range(network.num_inputs))
+    if inputs != sorted(spec.input_names):
+        raise UserError(f"{onnx_path.name} has inputs {inputs}, its spec names {sorted(spec.input_names)}; "
+                        "rebuild the artifact")
+
+    config = builder.create_builder_config()
+    config.builder_optimization_level = options.opt_level
+    if options.workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
+    level = HARDWARE_LEVELS[options.hardware_compat]
+    if level != "NONE":
+        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level)
+    if options.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if timing_cache is None:
+        timing_cache = config.create_timing_cache(b"")
+    if not config.set_timing_cache(timing_cache, False):
+        raise RuntimeError("TensorRT refused the timing cache")
+
+    trt_profile = builder.create_optimization_profile()
+    for tensor in spec.input_names:
+        shapes = profile[tensor]
+        trt_profile.set_shape(tensor, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(trt_profile)
+
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise UserError(f"TensorRT could not build an engine from {onnx_path.name} (see its log above); "
+                        "try a larger --workspace-gib or a smaller --tile-batch")
+    return plan, timing_cache
+
+
+def _load_timing_cache(trt, logger, path: Path, progress) -> tuple[object, bool]:
+    """An ITimingCache from ``path`` if TensorRT accepts it for this GPU, else a fresh one."""
+    config = trt.Builder(logger).create_builder_config()
+    if path.is_file():
+        cache = config.create_timing_cache(path.read_bytes())
+        if config.set_timing_cache(cache, False):
+            progress(f"timing cache {path} reused")
+            return cache, True
+        progress(f"timing cache {path} is from another GPU or TensorRT; starting a new one")
+    return config.create_timing_cache(b""), False
+
+
+def _write_bytes_atomically(path: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_engines(folder: str | Path, options: EngineOptions = EngineOptions(), force: bool = False,
+                  quiet: bool = False) -> Path:
+    """Add one TensorRT engine per component to the artifact ``folder``; rewrite its manifest atomically.
+
+    The artifact stays valid at every moment: engines are written under
+    temporary names, renamed into place, and only then listed in the manifest
+    (with every file re-hashed). A failure leaves the ONNX artifact as it was.
+    """
+    options = options.validate()
+    trt = require_tensorrt("building TensorRT engines")
+    folder = Path(folder)
+    artifact = load_artifact(folder)
+    manifest = artifact.manifest
+    if any("engine" in c["files"] for c in manifest["components"].values()) and not force:
+        raise UserError(f"{folder} already has TensorRT engines; pass --force to rebuild them")
+    machine = current_machine(trt)
+    if machine.compute_capability is None:
+        raise UserError("building TensorRT engines needs an NVIDIA GPU visible to PyTorch "
+                        "(torch.cuda.is_available() is False here)")
+    progress = _Progress(quiet)
+    specs = artifact.components
+
+    # The static parser check first: a graph TensorRT can't read fails in seconds, not mid-build.
+    major = _op_check_major(trt.__version__)
+    from .trt_support import check_graph
+
+    for name in specs:
+        problems = check_graph(artifact.component_file(name), trt_major=major)
+        if problems:
+            raise UserError(f"{name}.onnx has {len(problems)} problem(s) for TensorRT {major}'s ONNX parser: "
+                            + "; ".join(problems[:3]))
+
+    tiled, tile_source = engine_geometries(manifest, options.tile_batch)
+    profiles = engine_profiles(specs, tiled, whole_image_geometries(manifest))
+    logger = trt.Logger(trt.Logger.WARNING)
+    cache_path = timing_cache_path(folder, options)
+    timing_cache, _ = _load_timing_cache(trt, logger, cache_path, progress)
+    precision = manifest.get("export", {}).get("precision", "fp32")
+
+    written: dict[str, Path] = {}
+    records: dict[str, dict] = {}
+    try:
+        for name, spec in specs.items():
+            t = time.perf_counter()
+            progress(f"{name}: building ({precision} graph, strongly typed, profile "
+                     + ", ".join(f"{k} {v['min']}..{v['max']}" for k, v in profiles[name].items()) + ")")
+            plan, timing_cache = build_engine(trt, logger, artifact.component_file(name), spec, profiles[name],
+                                              options, timing_cache)
+            tmp = folder / f".{name}{ENGINE_SUFFIX}.building"
+            _write_bytes_atomically(tmp, plan)
+            written[name] = tmp
+            records[name] = {
+                "file": f"{name}{ENGINE_SUFFIX}",
+                "tensorrt_version": trt.__version__,
+                "device_name": machine.device_name,
+                "compute_capability": list(machine.compute_capability),
+                "hardware_compatibility_level": HARDWARE_LEVELS[options.hardware_compat],
+                "version_compatible": options.version_compatible,
+                "strongly_typed": True,
+                "precision": precision,
+                "profiles": profiles[name],
+                "builder_optimization_level": options.opt_level,
+                "workspace_bytes": options.workspace_bytes,
+                "sha256": sha256_of(tmp),
+                "build_seconds": round(time.perf_counter() - t, 1),
+            }
+            progress(f"{name}{ENGINE_SUFFIX}  {tmp.stat().st_size / 2**20:.1f} MiB")
+        _write_bytes_atomically(cache_path, timing_cache.serialize())
+    except BaseException:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
+        raise
+
+    # Old engines leave the manifest before their files are replaced, so the
+    # manifest never lists a file whose hash it does not match.
+    old = {n: c["files"].pop("engine") for n, c in manifest["components"].items() if "engine" in c["files"]}
+    if old:
+        for name, key in old.items():
+            manifest["components"][name].pop("engine", None)
+            manifest["files"].pop(key, None)
+        write_manifest(folder, manifest)
+    for name, tmp in written.items():
+        os.replace(tmp, folder / records[name]["file"])
+    for name, record in records.items():
+        manifest["files"][record["file"]] = {"path": record["file"]}
+        manifest["components"][name]["files"]["engine"] = record["file"]
+        manifest["components"][name]["engine"] = record
+    manifest["engines"] = {
+        "tensorrt_version": trt.__version__, "built_on": machine.to_dict(), "precision": precision,
+        "tile_batch": options.tile_batch, "tile_source": tile_source,
+        "tile": {"height": tiled[2].height, "width": tiled[2].width},
+        "timing_cache": cache_path.name,
+    }
+    manifest.setdefault("checks", {})["tensorrt_parser"] = parser_check(folder, manifest)
+    write_manifest(folder, manifest)
+    load_artifact(folder)  # hashes and format must round-trip
+    progress(f"{len(records)} engines written to {folder}; timing cache {cache_path}")
+    return folder
+
+
+__all__ = ["EngineOptions", "Machine", "build_engine", "build_engines", "check_engine_compatible",
+           "current_machine", "engine_geometries", "engine_notes", "engine_problems", "engine_profiles",
+           "parser_check", "require_tensorrt", "timing_cache_path", "whole_image_geometries"]

@@ -1,0 +1,200 @@
+"""S3Diff artifacts: ONNX parity, fixed vs dynamic degradation, batched CFG, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from srexport.cli import main
+from srexport.parity import compare
+
+
+@pytest.fixture(scope="session")
+def s3diff_source():
+    from srexport.models.sources import demo_s3diff_source
+
+    return demo_s3diff_source()
+
+
+@pytest.fixture(scope="session")
+def s3diff_artifact(tmp_path_factory, s3diff_source):
+    out = tmp_path_factory.mktemp("artifacts") / "s3diff-demo"
+    assert main(["build", "--model", "s3diff", "--out", str(out), "--quiet"]) == 0
+    from srexport.export.artifact import load_artifact
+    from srexport.runtime.loading import reference_for
+
+    art = load_artifact(out)
+    return art, reference_for(art)
+
+
+def _reference(source, **kwargs):
+    from srexport.models.s3diff.reference import S3DiffReference
+
+    base, ckpt, de_net = source.load()
+    return S3DiffReference(base, ckpt, de_net, **kwargs)
+
+
+@pytest.mark.parametrize("geometry", [(1, 64, 64), (2, 64, 96)], ids=["64x64", "2x64x96"])
+def test_onnx_components_match_pytorch(s3diff_artifact, geometry):
+    from srexport.export.specs import Geometry
+    from srexport.runtime.runners import OnnxRuntimeRunner, TorchRunner
+
+    art, ref = s3diff_artifact
+    assert set(art.components) == {"degradation", "vae_encoder", "unet", "vae_decoder"}
+    assert art.components["unet"].input_names == ["latent", "scores"]
+    assert art.components["vae_encoder"].input_names == ["image", "scores"]
+    modules = ref.components()
+    g = Geometry(*geometry)
+    for name, spec in art.components.items():
+        feeds = spec.sample_inputs(g, seed=3)
+        expected = TorchRunner(modules[name], spec)(feeds)
+        actual = OnnxRuntimeRunner(art.component_file(name), spec)(feeds)
+        for key, value in expected.items():
+            assert actual[key].shape == spec.output_shapes(g)[key]
+            err = float((actual[key] - value).abs().max())
+            assert err < 1e-4, f"{name}.{key} at {geometry}: {err:.2e}"
+
+
+def test_batch_of_two_images_gets_each_its_own_scores(s3diff_artifact):
+    """The modulation inside the UNet graph is per image: a batch of two with different
+    scores equals each image alone."""
+    from srexport.export.specs import Geometry
+    from srexport.runtime.runners import OnnxRuntimeRunner
+
+    art, _ = s3diff_artifact
+    spec = art.components["unet"]
+    runner = OnnxRuntimeRunner(art.component_file("unet"), spec)
+    feeds = spec.sample_inputs(Geometry(2, 64, 64), seed=4)
+    feeds["scores"] = torch.tensor([[0.1, 0.8], [0.9, 0.05]])
+    both = runner(feeds)["denoised"]
+    for i in range(2):
+        alone = runner({k: v[i : i + 1] for k, v in feeds.items()})["denoised"]
+        assert float((both[i : i + 1] - alone).abs().max()) < 1e-5
+    assert float((both[0] - both[1]).abs().max()) > 0  # different scores, different results
+
+
+def test_batched_cfg_graph_equals_two_reference_passes(s3diff_artifact, s3diff_source):
+    from srexport.export.specs import Geometry
+    from srexport.runtime.runners import OnnxRuntimeRunner
+
+    art, _ = s3diff_artifact
+    two_pass = _reference(s3diff_source, batch_guidance=False)
+    spec = art.components["unet"]
+    feeds = spec.sample_inputs(Geometry(1, 64, 128), seed=5)
+    graph = OnnxRuntimeRunner(art.component_file("unet"), spec)(feeds)["denoised"]
+    expected = two_pass.denoise(feeds["latent"], feeds["scores"])
+    assert float((graph - expected).abs().max()) < 1e-4
+
+
+def test_onnx_pipeline_matches_reference_end_to_end(s3diff_artifact, small_lr):
+    from srexport.runtime.loading import load_pipeline
+
+    art, ref = s3diff_artifact
+    out = load_pipeline(art.folder, backend="ort")(small_lr)
+    assert out.shape == (1, 3, 4 * small_lr.shape[-2], 4 * small_lr.shape[-1])
+    assert compare(out, ref(small_lr), 1.0).psnr_db >= 50
+
+
+def test_fixed_degradation_graphs_equal_dynamic_graphs(s3diff_artifact, s3diff_source, tmp_path):
+    """Merged static weights for scores s == dynamic graphs fed s (encoder and UNet)."""
+    from srexport.export.build import TRACE_GEOMETRY
+    from srexport.export.onnx_export import export_onnx
+    from srexport.export.s3diff_recipe import S3DiffSettings, s3diff_specs
+    from srexport.export.specs import Geometry
+    from srexport.runtime.runners import OnnxRuntimeRunner
+
+    art, _ = s3diff_artifact
+    scores = (0.35, 0.6)
+    fixed = _reference(s3diff_source, degradation=scores)
+    fixed_specs = s3diff_specs(S3DiffSettings(degradation=scores))
+    assert "degradation" not in fixed_specs and fixed_specs["unet"].input_names == ["latent"]
+    g = Geometry(1, 64, 64)
+    for name in ("vae_encoder", "unet"):
+        export_onnx(fixed.components()[name], fixed_specs[name], tmp_path / f"{name}.onnx", TRACE_GEOMETRY)
+        feeds = art.components[name].sample_inputs(g, seed=6)
+        feeds["scores"] = torch.tensor([scores])
+        dynamic = OnnxRuntimeRunner(art.component_file(name), art.components[name])(feeds)
+        static = OnnxRuntimeRunner(tmp_path / f"{name}.onnx", fixed_specs[name])(
+            {k: feeds[k] for k in fixed_specs[name].input_names})
+        out = fixed_specs[name].output_names[0]
+        assert float((dynamic[out] - static[out]).abs().max()) < 1e-4, name
+
+
+def test_manifest_records_s3diff_facts(s3diff_artifact):
+    art, _ = s3diff_artifact
+    m = art.manifest
+    assert m["model"]["kind"] == "s3diff"
+    assert m["model"]["degradation"]["mode"] == "dynamic"
+    assert m["guidance"]["cfg_scale"] == 1.07 and m["guidance"]["batched"] is True
+    assert m["guidance"]["negative_prompt"].startswith("oil painting")
+    assert m["schedule"]["timestep"] == 999
+    assert m["schedule"]["alpha_cumprod"] == pytest.approx(0.0046601, abs=1e-7)
+    assert m["schedule"]["clip_sample_range"] is None  # the demo's config sets clip_sample false
+    assert m["model"]["lora"]["unet"]["scaling"] == 0.25 and m["model"]["lora"]["vae"]["scaling"] == 0.5
+    assert m["model"]["lora"]["unet"]["layers"] == 257 and m["model"]["lora"]["vae"]["layers"] == 31
+    assert m["processing"]["upscale_filter"] == "bilinear" and m["processing"]["size_multiple"] == 64
+    assert m["checks"]["end_to_end"]["psnr_db"] >= 50
+
+
+# --- bad input: one line, exit 2, nothing written ------------------------------------------------
+
+
+def _fails_cleanly(capsys, tmp_path, argv, *words):
+    out = tmp_path / "out"
+    try:
+        code = main(argv + ["--out", str(out)])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("srexport: error:"), err
+    for word in words:
+        assert word in err, err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def _files(source):
+    return ["--model", "s3diff", "--base", str(source.base), "--checkpoint", str(source.checkpoint)]
+
+
+@pytest.mark.parametrize("value", ["1.2,0.1", "0.5", "a,b", "0.1,0.2,0.3", "-0.1,0.5"])
+def test_bad_degradation_values(capsys, tmp_path, s3diff_source, value):
+    _fails_cleanly(capsys, tmp_path, ["build"] + _files(s3diff_source) + [f"--degradation={value}"], "--degradation")
+
+
+def test_rank_disagreeing_with_tensors(capsys, tmp_path, s3diff_source):
+    raw = torch.load(s3diff_source.checkpoint, map_location="cpu", weights_only=False)
+    raw["rank_unet"] = 8
+    torch.save(raw, tmp_path / "s3diff.pkl")
+    argv = ["--model", "s3diff", "--base", str(s3diff_source.base), "--checkpoint", str(tmp_path / "s3diff.pkl"),
+            "--de-net", str(s3diff_source.de_net)]
+    _fails_cleanly(capsys, tmp_path, ["build"] + argv, "rank")
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_de_net_with_wrong_keys(capsys, tmp_path, s3diff_source, change):
+    state = torch.load(s3diff_source.de_net, map_location="cpu", weights_only=True)
+    key = next(iter(state))
+    if change == "missing":
+        del state[key]
+    else:
+        state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "de_net.pth")
+    argv = _files(s3diff_source) + ["--de-net", str(tmp_path / "de_net.pth")]
+    _fails_cleanly(capsys, tmp_path, ["build"] + argv, change, key if change == "missing" else "extra.weight")
+
+
+def test_base_without_scheduler_config(capsys, tmp_path, s3diff_source):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(s3diff_source.base, base)
+    (base / "scheduler" / "scheduler_config.json").unlink()
+    argv = ["--model", "s3diff", "--base", str(base), "--checkpoint", str(s3diff_source.checkpoint),
+            "--de-net", str(s3diff_source.de_net)]
+    _fails_cleanly(capsys, tmp_path, ["build"] + argv, "scheduler_config.json")
+
+
+def test_dynamic_without_de_net(capsys, tmp_path, s3diff_source):
+    _fails_cleanly(capsys, tmp_path, ["build"] + _files(s3diff_source), "--de-net")
