@@ -1,9 +1,9 @@
 """Every bad input: one line on stderr naming the problem and the fix, exit
 status 2, no traceback, nothing half-written, no input touched.
 
-One small demo artifact is built per module (process size 128) and reused;
-checkpoint and base-folder errors are detected before any export work, so
-those tests only load the tiny demo base.
+The session's small demo artifact (tests/conftest.py) is reused; checkpoint
+and base-folder errors are detected before any export work, so those tests
+only load the tiny demo base.
 """
 
 from __future__ import annotations
@@ -30,20 +30,9 @@ from srexport.processing import Processing
 # --- fixtures and helpers -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """SREXPORT_CACHE in a temporary folder for every test of this module."""
-    folder = tmp_path_factory.mktemp("srexport-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SREXPORT_CACHE", str(folder))
-        yield folder
-
-
 @pytest.fixture(scope="module")
-def demo(cache):
-    from srexport.models.sources import demo_pisa_source
-
-    return demo_pisa_source()
+def demo(demo_source):
+    return demo_source
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +41,8 @@ def raw_checkpoint(demo):
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory, demo):
-    out = tmp_path_factory.mktemp("artifact") / "pisa-demo"
-    assert main(["build", "--scale", "4", "--process-size", "128", "--out", str(out), "--quiet"]) == 0
-    return out
+def artifact(demo_artifact):
+    return demo_artifact
 
 
 @pytest.fixture
