@@ -39,22 +39,27 @@ def make_reference(arch: str, degradation):
     return S3DiffReference(base, ckpt, build_demo_de_net(), degradation=degradation)
 
 
-def median_seconds(fn, iters: int) -> list[float]:
-    fn()  # warm-up: allocations, onnxruntime's first-run optimisations
-    times = []
+def interleaved_seconds(calls: dict, iters: int) -> dict[str, list[float]]:
+    """Time each call ``iters`` times, alternating between them, after one warm-up each.
+
+    Alternation spreads any drift in machine load evenly over the variants, so
+    their ratio stays meaningful on a busy machine.
+    """
+    for fn in calls.values():
+        fn()  # warm-up: allocations, onnxruntime's first-run optimisations
+    times = {name: [] for name in calls}
     for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+        for name, fn in calls.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
     return times
 
 
-def measure(mode: str, degradation, args, scratch: Path) -> dict:
+def export_variant(mode: str, degradation, args, scratch: Path):
     from srexport.export.build import TRACE_GEOMETRY
     from srexport.export.onnx_export import export_onnx
     from srexport.export.s3diff_recipe import S3DiffSettings, s3diff_specs
-    from srexport.export.specs import Geometry
-    from srexport.runtime.runners import OnnxRuntimeRunner, TorchRunner
 
     t = time.perf_counter()
     reference = make_reference(args.arch, degradation)
@@ -62,21 +67,8 @@ def measure(mode: str, degradation, args, scratch: Path) -> dict:
     module = reference.components()["unet"]
     path = scratch / f"unet_{mode}.onnx"
     export_onnx(module, spec, path, TRACE_GEOMETRY)
-    export_s = time.perf_counter() - t
-    feeds = spec.sample_inputs(Geometry(1, args.size, args.size), seed=0)
-    feeds["scores"] = torch.tensor([[0.3, 0.6]]) if "scores" in spec.input_names else None
-    feeds = {k: v for k, v in feeds.items() if v is not None}
-    torch_runner = TorchRunner(module, spec)
-    torch_times = median_seconds(lambda: torch_runner(feeds), args.iters)
-    del torch_runner, module, reference
-    gc.collect()
-    ort_runner = OnnxRuntimeRunner(path, spec)
-    ort_times = median_seconds(lambda: ort_runner(feeds), args.iters)
-    size_mib = sum(p.stat().st_size for p in scratch.glob(f"unet_{mode}.onnx*")) / 2**20
-    print(f"{mode:>8}: torch {statistics.median(torch_times):.2f} s  onnxruntime {statistics.median(ort_times):.2f} s  "
-          f"graph {size_mib:.0f} MiB  (export {export_s:.0f} s)", file=sys.stderr, flush=True)
-    return {"torch_s": torch_times, "onnxruntime_s": ort_times, "graph_mib": round(size_mib, 1),
-            "inputs": spec.input_names}
+    print(f"{mode}: built and exported in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    return spec, module, path
 
 
 def main() -> None:
@@ -86,12 +78,31 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
-    results = {}
+    from srexport.export.specs import Geometry
+    from srexport.runtime.runners import OnnxRuntimeRunner, TorchRunner
+
+    variants = {"dynamic": None, "fixed": (0.3, 0.6)}
     with tempfile.TemporaryDirectory(prefix="s3diff-lora-cost-") as tmp:
-        for mode, degradation in (("dynamic", None), ("fixed", (0.3, 0.6))):
-            results[mode] = measure(mode, degradation, args, Path(tmp))
-            for f in Path(tmp).glob(f"unet_{mode}.onnx*"):
-                f.unlink()
+        exported = {m: export_variant(m, d, args, Path(tmp)) for m, d in variants.items()}
+        feeds = {}
+        for mode, (spec, _, _) in exported.items():
+            sample = spec.sample_inputs(Geometry(1, args.size, args.size), seed=0)
+            if "scores" in sample:
+                sample["scores"] = torch.tensor([[0.3, 0.6]])
+            feeds[mode] = sample
+        runners = {m: TorchRunner(module, spec) for m, (spec, module, _) in exported.items()}
+        torch_times = interleaved_seconds({m: (lambda m=m: runners[m](feeds[m])) for m in variants}, args.iters)
+        outputs = {m: runners[m](feeds[m])["denoised"] for m in variants}
+        del runners
+        for mode in variants:
+            exported[mode] = (exported[mode][0], None, exported[mode][2])
+        gc.collect()
+        runners = {m: OnnxRuntimeRunner(path, spec) for m, (spec, _, path) in exported.items()}
+        ort_times = interleaved_seconds({m: (lambda m=m: runners[m](feeds[m])) for m in variants}, args.iters)
+        agreement = float((outputs["dynamic"] - outputs["fixed"]).abs().max())
+        results = {m: {"torch_s": torch_times[m], "onnxruntime_s": ort_times[m],
+                       "graph_mib": round(sum(p.stat().st_size for p in Path(tmp).glob(f"unet_{m}.onnx*")) / 2**20, 1),
+                       "inputs": exported[m][0].input_names} for m in variants}
     med = {m: {k: statistics.median(v) for k, v in r.items() if k.endswith("_s")} for m, r in results.items()}
     ratios = {k: med["dynamic"][k] / med["fixed"][k] for k in med["fixed"]}
     out = {
@@ -100,6 +111,7 @@ def main() -> None:
         "machine": {"host": platform.node(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__},
         "results": results, "median_s": med, "dynamic_over_fixed": ratios,
+        "torch_max_abs_dynamic_vs_fixed": agreement,
     }
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"s3diff_lora_cost_{args.arch}_cpu{os.cpu_count()}.json"

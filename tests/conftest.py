@@ -35,11 +35,13 @@ def demo_source():
 
 @pytest.fixture(scope="session")
 def demo_artifact(tmp_path_factory, demo_source):
-    """A merged-guidance demo artifact, built through the CLI as a user would."""
+    """A merged-guidance fp32 demo artifact, built through the CLI as a user would
+    (fp32: the parity tests hold it to fp32 bounds; tests/test_precision.py converts it)."""
     from srexport.cli import main
 
     out = tmp_path_factory.mktemp("artifacts") / "pisa-demo"
-    assert main(["build", "--scale", "4", "--process-size", "128", "--out", str(out), "--quiet"]) == 0
+    assert main(["build", "--scale", "4", "--process-size", "128", "--precision", "fp32", "--out", str(out),
+                 "--quiet"]) == 0
     return out
 
 

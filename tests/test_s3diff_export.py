@@ -19,7 +19,7 @@ def s3diff_source():
 @pytest.fixture(scope="session")
 def s3diff_artifact(tmp_path_factory, s3diff_source):
     out = tmp_path_factory.mktemp("artifacts") / "s3diff-demo"
-    assert main(["build", "--model", "s3diff", "--out", str(out), "--quiet"]) == 0
+    assert main(["build", "--model", "s3diff", "--precision", "fp32", "--out", str(out), "--quiet"]) == 0
     from srexport.export.artifact import load_artifact
     from srexport.runtime.loading import reference_for
 

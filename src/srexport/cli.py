@@ -71,22 +71,55 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, help="artifact folder to write (default: artifacts/<model>-x<scale>[-demo])")
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
     b.add_argument("--quiet", action="store_true", help="print only the artifact path")
+    b.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16",
+                   help="precision of the graphs, set in the ONNX itself as strongly typed TensorRT needs: fp16 (norms, "
+                        "softmax and measured overflow kept fp32), int8 (symmetric Q/DQ on Conv/MatMul, the rest fp16) "
+                        "or fp32. Inputs and outputs stay float32. The fp32 graphs are checked first; the chosen "
+                        "precision's error against the fp32 reference is printed and recorded (default: fp16)")
+    b.add_argument("--calib", default="builtin", metavar="builtin|FOLDER",
+                   help="calibration photos: 'builtin' (scikit-image's photos, the training split; needs "
+                        "scikit-image) or a folder of high-resolution photos; crops are degraded like the model's "
+                        "inputs and run through the fp32 reference (cached) (default: builtin)")
+    b.add_argument("--calib-size", type=int, default=32, metavar="N",
+                   help="int8: number of calibration tiles (LR crops of the runtime's tile shape, 64x64 LR without "
+                        "tiling); fp16's activation scan uses at most 8 (default: 32)")
+    b.add_argument("--calib-method", choices=["minmax", "percentile"], default="minmax",
+                   help="int8 activation ranges from the calibration tiles: minmax, or percentile (99.999%%, "
+                        "clips rare outliers) (default: minmax)")
+    b.add_argument("--engines", action="store_true",
+                   help="also build TensorRT engines (needs TensorRT and an NVIDIA GPU; without TensorRT this fails "
+                        "at once: build the ONNX artifact here and run 'srexport engines' on the GPU machine)")
+    _add_engine_options(b, tile_batch=False)  # build: the tile batch is the tiling's
+    _add_tiling_options(b)
 
     r = sub.add_parser("run", help="upscale an image or a folder of images with an artifact")
     r.add_argument("artifact", type=Path)
     r.add_argument("input", type=Path, help="an image file, or a folder of images")
     r.add_argument("-o", "--output", type=Path, required=True, help="output image file, or folder for a folder input")
-    r.add_argument("--backend", choices=["ort", "torch"], default="ort",
-                   help="ort: onnxruntime on the artifact's graphs; torch: the PyTorch reference modules")
+    r.add_argument("--backend", choices=BACKEND_CHOICES, default="ort",
+                   help="ort: onnxruntime (CPU) on the artifact's graphs; ort-cuda: onnxruntime's CUDA provider "
+                        "(onnxruntime-gpu); trt: the artifact's TensorRT engines (TensorRT, NVIDIA GPU); torch: "
+                        "the PyTorch reference modules")
     r.add_argument("--threads", type=int, default=None, help="intra-op threads for onnxruntime")
     r.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    # --- tiling (runtime/tiling.py) ---
+    r.add_argument("--no-tile", action="store_true",
+                   help="run whole images instead of tiles (for comparison); refused above the artifact's "
+                        "untiled limit (see --untiled-max-mp)")
+    r.add_argument("--untiled-max-mp", type=float, default=None, metavar="MP",
+                   help="largest whole-image run, in output megapixels, for --no-tile (default: the artifact's, "
+                        "set at build; 2.1 MP unless changed there)")
 
     c = sub.add_parser("check", help="parity of an artifact against the PyTorch reference (per component, end to end)")
     c.add_argument("artifact", type=Path)
     c.add_argument("images", type=Path, nargs="*", help="LR images to check on (default: the built-in sample)")
-    c.add_argument("--backend", choices=["ort", "torch"], default="ort")
-    c.add_argument("--max-abs", type=float, default=None, help="bound per component (default: 1e-3 for fp32 graphs)")
-    c.add_argument("--min-psnr", type=float, default=None, help="end-to-end bound in dB (default: 50)")
+    c.add_argument("--backend", choices=BACKEND_CHOICES, default="ort")
+    c.add_argument("--max-abs", type=float, default=None,
+                   help="bound per component on max abs (default: the artifact's, 1e-3 for fp32 graphs, none for fp16/int8)")
+    c.add_argument("--max-rel-l2", type=float, default=None,
+                   help="bound per component on relative L2 error (default: the artifact's: fp16 1e-2, int8 0.25)")
+    c.add_argument("--min-psnr", type=float, default=None,
+                   help="end-to-end bound in dB (default: the artifact's, recorded at build: fp32 50, fp16 40, int8 30)")
     c.add_argument("--base", help="the base folder, if it moved since the build")
     c.add_argument("--checkpoint", help="the checkpoint, if it moved since the build")
     c.add_argument("--de-net", help="s3diff: the degradation estimator, if it moved since the build")
@@ -113,6 +146,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--inputs", type=int, default=3, help="distinct seeded LR images rotated through (default: 3)")
     bn.add_argument("--device", default="auto", help="where the PyTorch baseline runs: auto, cpu, cuda[:N] (default: auto)")
     bn.add_argument("--threads", type=int, default=None, help="intra-op threads for onnxruntime")
+    bn.add_argument("--torch-threads", type=int, default=None,
+                    help="intra-op threads for PyTorch (the baseline and the pre/post-processing of every backend)")
     bn.add_argument("--timer", choices=["auto", "host"], default="auto",
                     help="auto: CUDA events on the runners' stream on a GPU, perf_counter on CPU; host: perf_counter "
                          "with a device synchronisation at every stage boundary")
@@ -131,15 +166,110 @@ def _build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--checkpoint", help="the checkpoint, if it moved since the build")
     bn.add_argument("--de-net", help="s3diff: the degradation estimator, if it moved since the build")
 
+    e = sub.add_parser(
+        "engines", help="build TensorRT engines into an ONNX artifact (on the GPU machine that will run them)",
+        description=(
+            "Build one TensorRT engine per component from the artifact's ONNX graphs, strongly typed (the graphs' "
+            "dtypes set the precision), with one optimisation profile per engine from the component specs at the "
+            "tile shape (batch 1 to --tile-batch). The engines and their compatibility record (TensorRT version, "
+            "GPU, compute capability, hardware-compatibility level) are added to the artifact and its manifest "
+            "atomically. Needs TensorRT and an NVIDIA GPU."),
+    )
+    e.add_argument("artifact", type=Path)
+    e.add_argument("--force", action="store_true", help="rebuild engines the artifact already has")
+    e.add_argument("--quiet", action="store_true", help="print only the artifact path")
+    _add_engine_options(e)
+
     i = sub.add_parser("inspect", help="print an artifact's manifest readably")
     i.add_argument("artifact", type=Path)
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     return parser
 
 
+BACKEND_CHOICES = ["ort", "ort-cuda", "trt", "torch"]  # runtime.runners.BACKENDS, without importing torch
+
+
+def _add_engine_options(p: argparse.ArgumentParser, tile_batch: bool = True) -> None:
+    if tile_batch:
+        p.add_argument("--tile-batch", type=int, default=None,
+                       help="largest batch of tiles per engine call; profiles run from 1 to it (default: the "
+                            "artifact's tiling batch)")
+    p.add_argument("--opt-level", type=int, default=3,
+                   help="engines: TensorRT builder optimisation level 0-5 (default: 3)")
+    p.add_argument("--workspace-gib", type=float, default=None,
+                   help="engines: workspace memory limit in GiB (default: TensorRT's, the GPU's memory)")
+    p.add_argument("--hardware-compat", choices=["none", "ampere+", "same-cc"], default="none",
+                   help="engines: none (fastest, this GPU's compute capability only), ampere+ (any GPU of compute "
+                        "capability 8.0 or later), same-cc (any GPU of this compute capability) (default: none)")
+    p.add_argument("--version-compatible", action="store_true",
+                   help="engines: also loadable by later TensorRT versions (can be slower)")
+    p.add_argument("--timing-cache", type=Path, default=None,
+                   help="engines: timing cache file, reused and updated (default: ARTIFACT.trt-timing-cache beside "
+                        "the artifact folder)")
+
+
+# --- tiling options (runtime/tile_settings.py holds the defaults and their reasoning) --------------
+
+
+def _add_tiling_options(p: argparse.ArgumentParser) -> None:
+    from .runtime import tile_settings as ts
+
+    g = p.add_argument_group(
+        "tiling", "Tile geometry, in output-resolution pixels, recorded in the manifest. 'srexport run' cuts every "
+                  "image into tiles of these shapes (the shapes engines are built for), runs them in batches and "
+                  "blends them with upstream's Gaussian weights, so any size runs at a memory set by the tile. "
+                  "Defaults: " + ts.REASONING)
+    g.add_argument("--tile", type=int, default=ts.DEFAULT_TILE, metavar="PX",
+                   help=f"denoiser (UNet) tile, a multiple of 64 (default: {ts.DEFAULT_TILE} = 64 latent; "
+                        "upstream 768)")
+    g.add_argument("--tile-overlap", type=int, default=ts.DEFAULT_OVERLAP, metavar="PX",
+                   help=f"overlap of neighbouring denoiser tiles, a multiple of 8 up to half the tile (default: "
+                        f"{ts.DEFAULT_OVERLAP} = 16 latent; upstream 256)")
+    g.add_argument("--tile-batch", type=int, default=ts.DEFAULT_BATCH, metavar="N",
+                   help=f"denoiser tiles per call; VAE tiles per call are set to move as many pixels, at least 1; "
+                        f"engine profiles run from batch 1 to it (default: {ts.DEFAULT_BATCH})")
+    g.add_argument("--vae-tile", type=int, default=ts.DEFAULT_VAE_TILE, metavar="PX",
+                   help=f"VAE encoder and decoder tile, a multiple of 64 (default: {ts.DEFAULT_VAE_TILE}; upstream "
+                        "1024 encoder, 1792 decoder)")
+    g.add_argument("--vae-tile-overlap", type=int, default=ts.DEFAULT_VAE_OVERLAP, metavar="PX",
+                   help=f"overlap of neighbouring VAE tiles (default: {ts.DEFAULT_VAE_OVERLAP})")
+    g.add_argument("--tile-pad", action="store_true",
+                   help="reflect-pad sides shorter than a tile up to it, so every call has exactly the tile shape "
+                        "(static-shape engines); by default such sides run at their own length, which is exact")
+    g.add_argument("--untiled-max-mp", type=float, default=ts.DEFAULT_UNTILED_MAX_MEGAPIXELS, metavar="MP",
+                   help="largest whole-image run ('run --no-tile') in output megapixels (default: "
+                        f"{ts.DEFAULT_UNTILED_MAX_MEGAPIXELS:g}: the VAE's whole-image attention scores alone are "
+                        "4 GiB there in onnxruntime on CPU)")
+
+
+def _tiling_settings(args):
+    from .runtime.tile_settings import TilingSettings
+
+    return TilingSettings(args.tile, args.tile_overlap, args.tile_batch, args.vae_tile, args.vae_tile_overlap,
+                          args.tile_pad, args.untiled_max_mp).validate()
+
+
+def _engine_options(args, tile_batch: int | None = None):
+    from .export.engines import EngineOptions
+
+    return EngineOptions(tile_batch, args.opt_level, args.workspace_gib, args.hardware_compat,
+                         args.version_compatible, args.timing_cache).validate()
+
+
+def cmd_engines(args) -> int:
+    from .export.engines import build_engines
+
+    options = _engine_options(args, args.tile_batch)
+    print(build_engines(args.artifact, options, force=args.force, quiet=args.quiet))
+    return 0
+
+
 def cmd_build(args) -> int:
     from .export.build import build
 
+    engine_options = _engines_ready(args) if args.engines else None  # before any export: fail at once
+    precision = _precision_options(args)
+    tiling = _tiling_settings(args)  # validated before anything loads
     if (args.base is None) != (args.checkpoint is None):
         raise UserError("pass both --base and --checkpoint, or neither for the built-in demo")
     if args.scale < 1 or args.scale > 16:
@@ -158,8 +288,38 @@ def cmd_build(args) -> int:
         print(f"Building the built-in {args.model} DEMO: a tiny model with SD 2.1's block structure and seeded, "
               "untrained weights (its output is not a real super-resolution).", file=sys.stderr)
     out = args.out or Path("artifacts") / f"{args.model}-x{args.scale}{'-demo' if source.demo else ''}"
-    print(build(prepare, source, settings, out, force=args.force, quiet=args.quiet))
+    path = build(prepare, source, settings, out, force=args.force, quiet=args.quiet, precision=precision,
+                 tiling=tiling)
+    if engine_options is not None:
+        from .export.engines import build_engines
+
+        try:
+            build_engines(path, engine_options, quiet=args.quiet)
+        except UserError as e:
+            raise UserError(f"{e} (the ONNX artifact {path} is complete; retry with 'srexport engines {path}')") from None
+    print(path)
     return 0
+
+
+def _engines_ready(args):
+    """--engines: options valid, TensorRT importable and a GPU visible, or one line now."""
+    from .export.engines import current_machine, require_tensorrt
+
+    options = _engine_options(args)
+    trt = require_tensorrt("--engines", instead="build without --engines here (the ONNX artifact needs no "
+                                                "TensorRT), and ")
+    if current_machine(trt).compute_capability is None:
+        raise UserError("--engines needs an NVIDIA GPU visible to PyTorch (torch.cuda.is_available() is False); "
+                        "build without --engines here and run 'srexport engines ARTIFACT' on the GPU machine")
+    return options
+
+
+def _precision_options(args):
+    from .calibration.capture import CalibrationSettings
+    from .calibration.precision import PrecisionOptions
+
+    return PrecisionOptions(args.precision, CalibrationSettings(str(args.calib), args.calib_size),
+                            method=args.calib_method).validate()
 
 
 def _pisa_build(args):
@@ -222,21 +382,51 @@ def cmd_run(args) -> int:
     processing = Processing.from_dict(read_manifest(args.artifact)["processing"])
     for src, _ in jobs:
         check_input_size(*probe_image(src), processing, name=str(src))
+    if args.no_tile:  # a whole-image run above the limit is refused before the models load
+        from .runtime.tiling import check_untiled_inputs
+
+        check_untiled_inputs(read_manifest(args.artifact), [probe_image(src) for src, _ in jobs], args.untiled_max_mp)
     pipeline = load_pipeline(args.artifact, backend=args.backend, threads=args.threads)
+    _configure_tiling(pipeline, args)
     if args.input.is_dir():
         args.output.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
     for src, out in tqdm(jobs, disable=len(jobs) == 1, unit="image", file=sys.stderr):
-        save_image(pipeline(load_image(src)), out)
+        lr = load_image(src)
+        with _tile_progress(pipeline, lr, quiet=len(jobs) > 1):
+            save_image(pipeline(lr), out)
     if len(jobs) == 1:
         print(jobs[0][1])
     return 0
 
 
+def _configure_tiling(pipeline, args) -> None:
+    """--no-tile and --untiled-max-mp on a loaded pipeline."""
+    if args.untiled_max_mp is not None:
+        if not args.untiled_max_mp > 0:
+            raise UserError(f"--untiled-max-mp {args.untiled_max_mp} must be a positive number of megapixels")
+        pipeline.untiled_max_megapixels = args.untiled_max_mp
+    if args.no_tile:
+        pipeline.tiled = False
+
+
+def _tile_progress(pipeline, lr, quiet: bool = False):
+    """A tqdm bar over the tiles of one image on stderr (nothing for whole-image runs). Checks
+    the untiled limit first, so a refused --no-tile run stops before any work."""
+    import contextlib
+
+    if not pipeline.will_tile(*lr.shape[-2:]) or quiet:
+        return contextlib.nullcontext()
+    from .runtime.tiling import tile_progress_bar
+
+    return tile_progress_bar(pipeline, lr)
+
+
 def cmd_check(args) -> int:
     from .samples import SAMPLE_NAME, sample_image
-    from .checking import COMPONENT_MAX_ABS, END_TO_END_MIN_PSNR, check_image, failures
+    from .calibration.precision import bounds_of
+    from .checking import check_image, failures
     from .export.artifact import load_artifact
     from .runtime.images import load_image
     from .runtime.loading import load_pipeline, reference_for
@@ -245,26 +435,53 @@ def cmd_check(args) -> int:
     artifact = load_artifact(args.artifact)
     reference = reference_for(artifact, args.base, args.checkpoint, args.de_net)
     pipeline = load_pipeline(args.artifact, backend=args.backend, reference=reference)
-    if (args.max_abs is not None and args.max_abs <= 0) or (args.min_psnr is not None and args.min_psnr <= 0):
-        raise UserError("--max-abs and --min-psnr must be positive numbers")
+    if any(v is not None and v <= 0 for v in (args.max_abs, args.min_psnr, args.max_rel_l2)):
+        raise UserError("--max-abs, --max-rel-l2 and --min-psnr must be positive numbers")
     if args.compare_image is not None and (args.compare_image.suffix.lower() != ".png"
                                            or not args.compare_image.absolute().parent.is_dir()):
         raise UserError(f"--compare-image {args.compare_image} must be a .png file in an existing folder")
-    max_abs = args.max_abs if args.max_abs is not None else COMPONENT_MAX_ABS
-    min_psnr = args.min_psnr if args.min_psnr is not None else END_TO_END_MIN_PSNR
+    bounds = bounds_of(artifact.manifest)  # recorded at build, per precision
+    precision = artifact.manifest.get("export", {}).get("precision", "fp32")
+    max_abs = args.max_abs if args.max_abs is not None else bounds.get("component_max_abs")
+    max_rel = args.max_rel_l2 if args.max_rel_l2 is not None else bounds.get("component_rel_l2")
+    min_psnr = args.min_psnr if args.min_psnr is not None else bounds["end_to_end_min_psnr"]
     reports, problems = [], []
-    print(f"{artifact.folder}  backend={args.backend}  bounds: component max_abs <= {max_abs:g}, "
-          f"end-to-end PSNR >= {min_psnr:g} dB")
+    print(f"{artifact.folder}  {precision} graphs, backend={args.backend}  bounds: component "
+          + ", ".join(x for x in (max_abs is not None and f"max_abs <= {max_abs:g}",
+                                  max_rel is not None and f"rel_l2 <= {max_rel:g}") if x)
+          + f", end-to-end PSNR >= {min_psnr:g} dB (against the fp32 PyTorch reference)")
+    pipelines = {args.backend: pipeline}
+    if precision != "fp32" and args.backend == "ort":
+        # onnxruntime's CPU provider computes fp16 regions in fp32: also run the graphs' twins
+        # that round every fp16 tensor, as fp16 GPU kernels do (see calibration.fp16)
+        import tempfile
+
+        from .calibration.precision import emulated_dir, runners_for
+        from .runtime.pipeline import SRPipeline
+
+        twin = emulated_dir(artifact.folder, artifact.manifest, Path(tempfile.mkdtemp(prefix="srexport-fp16-")))
+        pipelines["ort, fp16 rounding"] = SRPipeline(artifact.manifest, runners_for(twin, artifact.manifest))
     for name, lr in images:
-        report = check_image(pipeline, reference, lr, name)
-        reports.append(report)
-        print(f"{name}  ->  {report.output_shape[-1]}x{report.output_shape[-2]}")
-        for component, parity in report.components.items():
-            print(f"  {component:<14} {parity.describe()}")
-        print(f"  {'end to end':<14} {report.end_to_end.describe()}")
-        problems += failures(report, max_abs, min_psnr)
+        for way, p in pipelines.items():
+            report = check_image(p, reference, lr, name if len(pipelines) == 1 else f"{name} [{way}]")
+            reports.append(report)
+            print(f"{report.name}  ->  {report.output_shape[-1]}x{report.output_shape[-2]}")
+            for component, parity in report.components.items():
+                print(f"  {component:<14} {parity.describe()}")
+            print(f"  {'end to end':<14} {report.end_to_end.describe()}  SSIM {report.ssim:.5f}")
+            if report.tiled is not None:  # tiled artifacts, images larger than one tile
+                tiles = ", ".join(f"{k} {v}" for k, v in report.tiles.items())
+                print(f"  {'tiled':<14} {report.tiled.describe()}  (vs the tiled reference; tiles: {tiles})")
+                print(f"  {'tiled vs whole':<14} {report.tiled_vs_whole.describe()}  (the references: what tiling "
+                      "changes; not bounded)")
+            problems += failures(report, max_abs, min_psnr, max_rel)
+    if len(pipelines) > 1:
+        import shutil
+
+        shutil.rmtree(twin, ignore_errors=True)
     if args.json:
-        args.json.write_text(json.dumps({"backend": args.backend, "max_abs": max_abs, "min_psnr": min_psnr,
+        args.json.write_text(json.dumps({"backend": args.backend, "precision": precision, "max_abs": max_abs,
+                                         "max_rel_l2": max_rel, "min_psnr": min_psnr,
                                          "images": [r.to_dict() for r in reports], "failures": problems}, indent=2))
     if args.compare_image:
         from .plots import side_by_side
@@ -300,6 +517,7 @@ def cmd_bench(args) -> int:
     config = BenchConfig(
         backends=[b.strip() for b in args.backends.split(",") if b.strip()], sizes=parse_sizes(args.sizes),
         iters=args.iters, warmup=args.warmup, inputs=args.inputs, device=args.device, threads=args.threads,
+        torch_threads=args.torch_threads,
         seed=args.seed, timer=args.timer, compile=not args.no_compile,
         min_psnr=parse_min_psnr(args.min_psnr) if args.min_psnr else {}, max_abs=args.max_abs, gpu=args.gpu,
         peak_tflops=args.peak_tflops, peak_gbps=args.peak_gbps, base=args.base, checkpoint=args.checkpoint,
@@ -316,7 +534,8 @@ def cmd_bench(args) -> int:
     return 0 if report["passed"] else EXIT_PARITY_FAILED
 
 
-COMMANDS = {"build": cmd_build, "run": cmd_run, "check": cmd_check, "bench": cmd_bench, "inspect": cmd_inspect}
+COMMANDS = {"build": cmd_build, "run": cmd_run, "check": cmd_check, "bench": cmd_bench, "inspect": cmd_inspect,
+            "engines": cmd_engines}
 
 
 def main(argv: list[str] | None = None) -> int:

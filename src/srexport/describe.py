@@ -21,6 +21,13 @@ def describe_manifest(artifact) -> str:
     lines.append(f"denoise    z0 = {plan['latent_weight']:g}*latent + {terms}" if plan["latent_weight"] else f"denoise    z0 = {terms}")
     e = m["export"]
     lines.append(f"export     opset {e['opset']}, precision {e['precision']}, io {e['io_dtype']}, {e['exporter']}, cleanup {e['cleanup']}")
+    if "tiling" in m:  # runtime/tile_settings.py
+        t = m["tiling"]
+        vae = t["vae"]["decoder"]
+        lines.append(f"tiling     denoiser {t['tile']} px tiles, overlap {t['overlap']} (latent {t['latent_tile']}/"
+                     f"{t['latent_overlap']}), batch {t['batch']}; VAE {vae['tile']} px tiles, overlap "
+                     f"{vae['overlap']}, batch {vae['batch']}; Gaussian blend (variance {t['blend']['variance']}); "
+                     f"short sides {t['short_sides']}; whole-image runs up to {t['untiled_max_megapixels']:g} MP")
     lines.append("components")
     for name, comp in m["components"].items():
         spec = comp["spec"]
@@ -29,6 +36,13 @@ def describe_manifest(artifact) -> str:
         lines.append(f"  {name:<12} {ins} -> {outs}")
         if spec.get("description"):
             lines.append(f"  {'':<12} {spec['description']}")
+        if "engine" in comp:  # export/engines.py
+            en = comp["engine"]
+            cc = ".".join(str(v) for v in en["compute_capability"])
+            shapes = "; ".join(f"{k} {v['min']}..{v['max']}" for k, v in en["profiles"].items())
+            lines.append(f"  {'':<12} TensorRT {en['tensorrt_version']} engine for {en['device_name']} (sm {cc}, "
+                         f"hardware compat {en['hardware_compatibility_level']}"
+                         f"{', version-compatible' if en.get('version_compatible') else ''}), {shapes}")
     lines.append("files")
     for key, f in m["files"].items():
         lines.append(f"  {f['path']:<24} {f['bytes'] / 2**20:9.2f} MiB  sha256 {f['sha256'][:16]}...")
@@ -37,9 +51,23 @@ def describe_manifest(artifact) -> str:
         lines.append("checks (at build)")
         for name, c in checks.get("components", {}).items():
             lines.append(f"  {name:<14} max_abs {c['max_abs']:.2e}  PSNR {c['psnr_db']} dB")
+        parser = checks.get("tensorrt_parser")  # export/engines.py parser_check
+        if parser:
+            bad = {f"{c} (TensorRT {v})": len(p) for c, by in parser.items() for v, p in by.items() if p}
+            lines.append("  TensorRT parser " + (", ".join(f"{k}: {n} problem(s)" for k, n in bad.items())
+                                                 if bad else f"all graphs pass (TensorRT {', '.join(next(iter(parser.values())))})"))
         for key in ("end_to_end", "merged_vs_exact"):
             if key in checks:
                 c = checks[key]
                 lines.append(f"  {key:<14} max_abs {c['max_abs']:.2e}  PSNR {c['psnr_db']} dB  ({c.get('input', '')})")
+        precision = checks.get("precision")  # calibration/precision.py: the fp32 checks above, then this
+        if precision:
+            lines.append(f"  {precision['precision']} vs the fp32 reference, on {len(precision['inputs'])} images "
+                         f"(calibration: {(precision.get('calibration') or {}).get('size', '-')} tiles)")
+            for way in ("onnxruntime_cpu", "fp16_rounding"):
+                r = precision[way]
+                e = r["end_to_end"]
+                lines.append(f"    {way:<16} rel_l2 " + "  ".join(f"{c} {v['rel_l2']:.2e}" for c, v in r["components"].items())
+                             + f"  | PSNR min {e['min_psnr_db']:.2f} dB, SSIM min {e['min_ssim']:.4f}")
     lines.append("versions   " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     return "\n".join(lines)

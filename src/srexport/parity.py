@@ -33,7 +33,7 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, peak_to_peak: float | 
     expected tensor's own range, which suits latents."""
     if actual.shape != expected.shape:
         raise ValueError(f"shape {tuple(actual.shape)} != {tuple(expected.shape)}")
-    a, e = actual.double(), expected.double()
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()  # GPU backends vs a CPU reference
     if not torch.isfinite(a).all():
         return Parity(math.inf, -math.inf, math.inf)
     diff = a - e
@@ -42,3 +42,28 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, peak_to_peak: float | 
     psnr = math.inf if mse == 0 else 10 * math.log10(rng**2 / mse)
     rel = float(diff.norm() / e.norm()) if float(e.norm()) else float(diff.norm())
     return Parity(float(diff.abs().max()), psnr, rel)
+
+
+def ssim(actual: torch.Tensor, expected: torch.Tensor, data_range: float = 1.0) -> float:
+    """Mean SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03),
+    per channel then averaged, over valid windows only (as scikit-image's
+    ``structural_similarity(..., gaussian_weights=True, use_sample_covariance=False)``)."""
+    import torch.nn.functional as F
+
+    a = actual.detach().cpu().double().reshape(-1, 1, *actual.shape[-2:])
+    e = expected.detach().cpu().double().reshape(-1, 1, *expected.shape[-2:])
+    if not torch.isfinite(a).all():
+        return -math.inf
+    size = min(11, a.shape[-1], a.shape[-2])
+    size -= 1 - size % 2  # odd
+    x = torch.arange(size, dtype=torch.float64) - size // 2
+    g = torch.exp(-(x**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    w = (g[:, None] * g[None, :])[None, None]
+    mu_a, mu_e = F.conv2d(a, w), F.conv2d(e, w)
+    var_a = F.conv2d(a * a, w) - mu_a**2
+    var_e = F.conv2d(e * e, w) - mu_e**2
+    cov = F.conv2d(a * e, w) - mu_a * mu_e
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_a * mu_e + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_e**2 + c1) * (var_a + var_e + c2))
+    return float(s.mean())

@@ -10,7 +10,9 @@ Every engine is:
   graphs int8 ones); there are no FP16/INT8 builder flags (TensorRT 11 removed
   them);
 - given one optimisation profile read from the component spec at the tile
-  geometry: batch 1 to ``tile_batch``, height and width fixed at the tile;
+  geometry the tiled runtime uses (``runtime.tiling.tile_geometries``): batch
+  1 to ``tile_batch``, height and width those of the tile (down to the
+  smallest side the processing can produce where tiles are not padded);
 - described in the manifest with what decides whether it can load elsewhere:
   TensorRT version, GPU name and compute capability, hardware-compatibility
   level, version compatibility, plus the profile, builder optimisation level,
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .artifact import load_artifact, sha256_of, write_manifest
+from .artifact import load_artifact, read_manifest, sha256_of, write_manifest
 from .specs import ComponentSpec, Geometry, VAE_FACTOR
 
 TENSORRT_PACKAGE = "tensorrt"
@@ -65,7 +67,7 @@ WHOLE_IMAGE_MAX_LR_SIDE = 2048
 # TensorRT, lazily.
 
 
-def require_tensorrt(purpose: str):
+def require_tensorrt(purpose: str, instead: str = ""):
     """``import tensorrt``, or a one-line UserError that says what to do instead."""
     try:
         import tensorrt as trt
@@ -73,8 +75,8 @@ def require_tensorrt(purpose: str):
         reason = " ".join(str(exc).split())[:120]
         raise UserError(
             f"{purpose} needs TensorRT, and the Python package '{TENSORRT_PACKAGE}' cannot be imported here "
-            f"({reason}); on an NVIDIA GPU machine run 'pip install {TENSORRT_PACKAGE}' and then "
-            f"'{ENGINES_COMMAND}' (the ONNX artifact itself needs no TensorRT)") from None
+            f"({reason}); {instead}on an NVIDIA GPU machine run 'pip install {TENSORRT_PACKAGE}', then "
+            f"'{ENGINES_COMMAND}' builds the engines into the ONNX artifact") from None
     return trt
 
 
@@ -97,7 +99,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 class EngineOptions:
     """How engines are built. ``workspace_gib`` None leaves TensorRT's default (the device's memory)."""
 
-    tile_batch: int = 4
+    tile_batch: int | None = None  # None: the artifact's tiling batch
     opt_level: int = 3
     workspace_gib: float | None = None
     hardware_compat: str = "none"
@@ -105,7 +107,7 @@ class EngineOptions:
     timing_cache: Path | None = None  # default: <artifact>.trt-timing-cache beside the folder
 
     def validate(self) -> "EngineOptions":
-        if not 1 <= self.tile_batch <= 256:
+        if self.tile_batch is not None and not 1 <= self.tile_batch <= 256:
             raise UserError(f"--tile-batch {self.tile_batch} is out of range; use 1 to 256")
         if not 0 <= self.opt_level <= 5:
             raise UserError(f"--opt-level {self.opt_level} is out of range; TensorRT's levels are 0 to 5")
@@ -128,51 +130,41 @@ def timing_cache_path(folder: Path, options: EngineOptions) -> Path:
     return folder.parent / (folder.name + TIMING_CACHE_SUFFIX)
 
 
-def engine_geometries(manifest: dict, tile_batch: int) -> tuple[tuple[Geometry, Geometry, Geometry], str]:
-    """(smallest, typical, largest) geometry of the tiled components' profiles, and where the tile came from.
+def engine_geometries(manifest: dict, components, tile_batch: int | None = None
+                      ) -> tuple[dict[str, tuple[Geometry, Geometry, Geometry]], str]:
+    """component -> (smallest, typical, largest) geometry of its profile, and where the shapes came from.
 
-    Batch runs from 1 (smallest) to ``tile_batch`` (typical and largest); the
-    tile's height and width are whatever the tiling gives (one fixed shape).
+    Tiled components get the tiles the tiled runtime calls them with, batch 1
+    to ``tile_batch`` (default: the artifact's tiling batch); components that
+    run once on the whole LR image (``WHOLE_IMAGE_COMPONENTS``) span image sizes.
     """
+    from ..runtime.tiling import tile_geometries  # the single source of the tile shapes
+
     scale = int(manifest["processing"]["scale"])
-    # ---- the single place engines learn the tile shape (tiled execution, runtime/tiling.py) ----
-    try:
-        from ..runtime.tiling import tile_geometries
-    except ImportError:  # tiling not there yet: read the manifest's section defensively
-        tile_geometries = None
-    if tile_geometries is not None:
-        smallest, typical, largest = tile_geometries(manifest)
-        source = "runtime.tiling.tile_geometries"
-    else:
-        tile = _tile_from_manifest(manifest, scale)
-        if tile is not None:
-            smallest = typical = largest = tile
-            source = "manifest tiling section"
+    out: dict[str, tuple[Geometry, Geometry, Geometry]] = {}
+    source = "whole images only"
+    for name in components:
+        if name in WHOLE_IMAGE_COMPONENTS:
+            out[name] = whole_image_geometries(manifest)
+            continue
+        if has_tiling(manifest):
+            smallest, typical, largest = tile_geometries(manifest, name)
+            source = "runtime.tiling.tile_geometries (the artifact's tiling section)"
         else:
-            # No tiling in this artifact: whole images up to twice the process size per side.
+            # An artifact built before tiling runs whole images: 64 px to twice the process size per side.
             side = _process_side(manifest, scale)
-            smallest = Geometry(1, VAE_FACTOR * 8, VAE_FACTOR * 8, scale)
-            typical = Geometry(1, side, side, scale)
-            largest = Geometry(1, 2 * side, 2 * side, scale)
-            source = "no tiling section: whole images, 64 px to twice the process size per side"
-    # ---------------------------------------------------------------------------------------------
-    return (dataclasses.replace(smallest, batch=1), dataclasses.replace(typical, batch=tile_batch),
-            dataclasses.replace(largest, batch=tile_batch)), source
+            smallest, typical, largest = (Geometry(1, VAE_FACTOR * 8, VAE_FACTOR * 8, scale),
+                                          Geometry(4, side, side, scale), Geometry(4, 2 * side, 2 * side, scale))
+            source = "no tiling section: whole images from 64 px to twice the process size per side"
+        batch = tile_batch or largest.batch
+        out[name] = (dataclasses.replace(smallest, batch=1), dataclasses.replace(typical, batch=batch),
+                     dataclasses.replace(largest, batch=batch))
+    return out, source
 
 
-def _tile_from_manifest(manifest: dict, scale: int) -> Geometry | None:
-    """The tile as output-resolution pixels from a ``tiling`` section, if it has a recognisable one."""
-    tiling = manifest.get("tiling")
-    if not isinstance(tiling, dict):
-        return None
-    factor = VAE_FACTOR if str(tiling.get("unit", "")).startswith("latent") else 1
-    for h_key, w_key in (("tile_height", "tile_width"), ("tile_size", "tile_size"), ("tile", "tile")):
-        h, w = tiling.get(h_key), tiling.get(w_key)
-        if isinstance(h, (list, tuple)) and len(h) == 2:
-            h, w = h
-        if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
-            return Geometry(1, h * factor, w * factor, scale)
-    return None
+def has_tiling(manifest: dict) -> bool:
+    """Whether the artifact was built with a tiling section (older artifacts run whole images)."""
+    return "tiling" in manifest
 
 
 def _process_side(manifest: dict, scale: int) -> int:
@@ -192,15 +184,12 @@ def whole_image_geometries(manifest: dict) -> tuple[Geometry, Geometry, Geometry
         Geometry(1, WHOLE_IMAGE_MAX_LR_SIDE * s, WHOLE_IMAGE_MAX_LR_SIDE * s, s)
 
 
-def engine_profiles(specs: dict[str, ComponentSpec], tiled: tuple[Geometry, Geometry, Geometry],
-                    whole_image: tuple[Geometry, Geometry, Geometry] | None = None) -> dict[str, dict]:
+def engine_profiles(specs: dict[str, ComponentSpec],
+                    geometries: dict[str, tuple[Geometry, Geometry, Geometry]]) -> dict[str, dict]:
     """component -> input -> {"min", "opt", "max"} shapes, read from the specs (nothing restated)."""
-    profiles = {}
-    for name, spec in specs.items():
-        geometries = whole_image if (name in WHOLE_IMAGE_COMPONENTS and whole_image) else tiled
-        profiles[name] = {tensor: {"min": list(lo), "opt": list(opt), "max": list(hi)}
-                          for tensor, (lo, opt, hi) in spec.profile(*geometries).items()}
-    return profiles
+    return {name: {tensor: {"min": list(lo), "opt": list(opt), "max": list(hi)}
+                   for tensor, (lo, opt, hi) in spec.profile(*geometries[name]).items()}
+            for name, spec in specs.items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -426,8 +415,9 @@ def build_engines(folder: str | Path, options: EngineOptions = EngineOptions(), 
     (with every file re-hashed). A failure leaves the ONNX artifact as it was.
     """
     options = options.validate()
-    trt = require_tensorrt("building TensorRT engines")
     folder = Path(folder)
+    read_manifest(folder)  # a wrong path says so before TensorRT is asked for
+    trt = require_tensorrt("building TensorRT engines")
     artifact = load_artifact(folder)
     manifest = artifact.manifest
     if any("engine" in c["files"] for c in manifest["components"].values()) and not force:
@@ -449,8 +439,8 @@ def build_engines(folder: str | Path, options: EngineOptions = EngineOptions(), 
             raise UserError(f"{name}.onnx has {len(problems)} problem(s) for TensorRT {major}'s ONNX parser: "
                             + "; ".join(problems[:3]))
 
-    tiled, tile_source = engine_geometries(manifest, options.tile_batch)
-    profiles = engine_profiles(specs, tiled, whole_image_geometries(manifest))
+    geometries, tile_source = engine_geometries(manifest, specs, options.tile_batch)
+    profiles = engine_profiles(specs, geometries)
     logger = trt.Logger(trt.Logger.WARNING)
     cache_path = timing_cache_path(folder, options)
     timing_cache, _ = _load_timing_cache(trt, logger, cache_path, progress)
@@ -506,9 +496,9 @@ def build_engines(folder: str | Path, options: EngineOptions = EngineOptions(), 
         manifest["components"][name]["engine"] = record
     manifest["engines"] = {
         "tensorrt_version": trt.__version__, "built_on": machine.to_dict(), "precision": precision,
-        "tile_batch": options.tile_batch, "tile_source": tile_source,
-        "tile": {"height": tiled[2].height, "width": tiled[2].width},
-        "timing_cache": cache_path.name,
+        "tile_batch": max((g[2].batch for n, g in geometries.items() if n not in WHOLE_IMAGE_COMPONENTS),
+                          default=None),
+        "shapes_from": tile_source, "timing_cache": cache_path.name,
     }
     manifest.setdefault("checks", {})["tensorrt_parser"] = parser_check(folder, manifest)
     write_manifest(folder, manifest)

@@ -48,24 +48,31 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: Path, sample
                 dynamic_axes=spec.dynamic_axes(),
                 do_constant_folding=True,
             )
+        large = sum(f.stat().st_size for f in Path(tmp).iterdir()) > PROTOBUF_LIMIT - 64 * 2**20
         model = onnx.load(str(raw), load_external_data=True)
-        large = not _fits_bytesize(model)
-        model = _slim(model, large)
+        if large:
+            # onnxslim holds two more in-memory copies (OOM at 18 GB for the full SD 2.1
+            # UNet) and its shape inference cannot serialise > 2 GB: over the limit the
+            # exporter's own constant folding is what the graph gets; TensorRT and
+            # onnxruntime fold the remaining shape arithmetic when they load it.
+            cleanup = "torch exporter constant folding only (graph over 2 GB)"
+        else:
+            model = _slim(model)
+            cleanup = "onnxslim"
+        onnx.helper.set_model_props(model, {"srexport.component": spec.name, "srexport.cleanup": cleanup})
         stamp_spec(model, spec)
         written = save_model(model, path)
         del model
-        # Shape inference by path works at any size (onnxslim's in-memory pass
-        # cannot serialise graphs over 2 GB, so it is skipped for those).
-        onnx.shape_inference.infer_shapes_path(str(path))
+        onnx.shape_inference.infer_shapes_path(str(path))  # by path: works at any size
         onnx.checker.check_model(str(path), full_check=False)
         return written
 
 
-def _slim(model: onnx.ModelProto, large: bool) -> onnx.ModelProto:
+def _slim(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding, dead-code removal, fusion of trivial patterns."""
     import onnxslim
 
-    return onnxslim.slim(model, no_shape_infer=large)
+    return onnxslim.slim(model)
 
 
 def stamp_spec(model: onnx.ModelProto, spec: ComponentSpec) -> None:

@@ -38,12 +38,15 @@ TRT_METHODS_USED: tuple[str, ...] = (
     "num_errors", "get_error", "create_optimization_profile", "set_shape",
     "add_optimization_profile", "set_memory_pool_limit", "create_timing_cache",
     "set_timing_cache", "build_serialized_network", "builder_optimization_level",
-    "hardware_compatibility_level",
+    "hardware_compatibility_level", "set_flag", "num_inputs", "get_input", "name",
+    "serialize",
+    # enum members reached with getattr (export.engines.HARDWARE_LEVELS)
+    "NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY",
     # load and run
-    "deserialize_cuda_engine", "create_execution_context", "num_io_tensors",
-    "get_tensor_name", "get_tensor_mode", "get_tensor_shape", "get_tensor_dtype",
-    "set_input_shape", "set_tensor_address", "execute_async_v3",
-    "device_memory_size_v2", "set_device_memory",
+    "deserialize_cuda_engine", "engine_host_code_allowed", "create_execution_context",
+    "num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_shape",
+    "get_tensor_dtype", "get_tensor_profile_shape", "set_input_shape", "set_tensor_address",
+    "execute_async_v3", "device_memory_size_v2", "set_device_memory",
 )
 
 _IDENTIFIER = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")

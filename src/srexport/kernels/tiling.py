@@ -3,7 +3,9 @@
 Tiles have one fixed shape (static engines). Origins sit on a stride of
 ``tile - overlap`` with the last one moved back to touch the far edge, as
 upstream does. An image smaller than a tile is padded by ``extract_tiles``
-(replicate) up to the tile shape, and ``blend_tiles`` crops the padding off.
+(replicate, or reflect: mirrored about the edge pixel, repeated for pads
+longer than the image) up to the tile shape, and ``blend_tiles`` crops the
+padding off.
 Weights are the upstream Gaussian; its normalising constant cancels in
 ``sum(w * tile) / sum(w)``, so it is left out.
 """
@@ -19,6 +21,7 @@ __all__ = [
     "blend_tiles",
     "extract_tiles",
     "gaussian_weights",
+    "reflect_indices",
     "tile_grid",
     "tile_origins",
     "weight_sum",
@@ -65,14 +68,34 @@ def _canvas_size(origins: list[tuple[int, int]], height: int, width: int, tile_h
     )
 
 
-def extract_tiles(image: torch.Tensor, origins: list[tuple[int, int]], tile_h: int, tile_w: int) -> torch.Tensor:
-    """Cut a (1, C, H, W) image into (N, C, tile_h, tile_w) tiles at ``origins``."""
+def reflect_indices(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """Map integer positions (any, even far past either end) into ``[0, size)`` by reflection
+    about the edge pixels (``F.pad``'s "reflect", which repeats for pads longer than the axis)."""
+    if size == 1:
+        return torch.zeros_like(indices)
+    period = 2 * (size - 1)
+    folded = torch.remainder(indices, period)
+    return torch.where(folded < size, folded, period - folded)
+
+
+def extract_tiles(
+    image: torch.Tensor, origins: list[tuple[int, int]], tile_h: int, tile_w: int, pad_mode: str = "replicate"
+) -> torch.Tensor:
+    """Cut a (1, C, H, W) image into (N, C, tile_h, tile_w) tiles at ``origins``.
+
+    Tiles running past the image are filled by ``pad_mode``: "replicate" or "reflect"."""
     assert image.ndim == 4 and image.shape[0] == 1, "extract_tiles takes one image (1, C, H, W)"
     assert origins and all(y >= 0 and x >= 0 for y, x in origins), "origins must be non-negative"
+    assert pad_mode in ("replicate", "reflect"), f"unknown pad mode {pad_mode!r}"
     height, width = image.shape[-2:]
     canvas_h, canvas_w = _canvas_size(origins, height, width, tile_h, tile_w)
     if (canvas_h, canvas_w) != (height, width):
-        image = F.pad(image, (0, canvas_w - width, 0, canvas_h - height), mode="replicate")
+        if pad_mode == "replicate":
+            image = F.pad(image, (0, canvas_w - width, 0, canvas_h - height), mode="replicate")
+        else:
+            rows = reflect_indices(torch.arange(canvas_h, device=image.device), height)
+            cols = reflect_indices(torch.arange(canvas_w, device=image.device), width)
+            image = image.index_select(-2, rows).index_select(-1, cols)
     return torch.cat([image[..., y : y + tile_h, x : x + tile_w] for y, x in origins])
 
 

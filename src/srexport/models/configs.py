@@ -84,10 +84,17 @@ DEMO_TEXT_ENCODER = dict(
 # so its vocabulary is the 256 byte symbols, their word-final forms and two specials.
 DEMO_TOKENIZER_VOCAB_SIZE = 2 * 256 + 2
 
+# The trained demo (weights in srexport/assets/demo_pisa, made by tools/train_demo.py):
+# the demo VAE and text encoder, and the demo UNet at half its widths (same 1:2:4:4
+# ratios, same head size) so the shipped weights stay a few MB.
+TRAINED_DEMO_UNET = dict(DEMO_UNET, block_out_channels=[16, 32, 64, 64], attention_head_dim=[1, 2, 4, 4])
+
 ARCHITECTURES = {
     "sd21": {"unet": SD21_UNET, "vae": SD21_VAE, "text_encoder": SD21_TEXT_ENCODER},
     "demo": {"unet": DEMO_UNET, "vae": DEMO_VAE,
              "text_encoder": dict(DEMO_TEXT_ENCODER, vocab_size=DEMO_TOKENIZER_VOCAB_SIZE)},
+    "demo_trained": {"unet": TRAINED_DEMO_UNET, "vae": DEMO_VAE,
+                     "text_encoder": dict(DEMO_TEXT_ENCODER, vocab_size=DEMO_TOKENIZER_VOCAB_SIZE)},
 }
 
 # LoRA scaling when no alpha is stored: PEFT's default lora_alpha=8 over the rank.

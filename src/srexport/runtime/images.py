@@ -72,8 +72,9 @@ def probe_image(path: str | Path) -> tuple[int, int]:
 def tensor_to_pil(image: torch.Tensor):
     from PIL import Image
 
-    array = (image[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
-    return Image.fromarray(array, "RGB")
+    from .regions import to_uint8_hwc  # round(clamp(x, 0, 1) * 255), in bands: no full-size float temporaries
+
+    return Image.fromarray(to_uint8_hwc(image), "RGB")
 
 
 def check_output_path(path: str | Path, force: bool) -> Path:

@@ -40,6 +40,14 @@ def load_pipeline(artifact: str | Path, backend: str = "ort", threads: int | Non
     check_backend(backend)
     if backend == "ort":
         runners = ort_runners(art, threads=threads)
+    elif backend == "trt":
+        from .trt_runner import trt_runners
+
+        runners = trt_runners(art)
+    elif backend == "ort-cuda":
+        from .ort_cuda import ort_cuda_runners
+
+        runners = ort_cuda_runners(art)
     else:
         runners = torch_runners(art, reference if reference is not None else reference_for(art))
     return SRPipeline(art.manifest, runners)

@@ -1,0 +1,385 @@
+"""A build's precision step: fp32 graphs -> fp16 or int8 graphs, and their error measured.
+
+``build`` exports and checks the fp32 graphs first; then ``convert_graphs``
+replaces them, in the artifact's temporary folder, by the chosen precision's:
+
+- ``fp16``: ``fp16.convert_to_fp16``; nodes whose fp32 activations, measured on
+  the calibration tiles, come near fp16's range stay fp32 as well.
+- ``int8``: ``int8.quantize_int8`` calibrated on the captured component inputs
+  (``capture``), then int8 + fp16.
+
+and measures the result against the fp32 PyTorch reference, per component
+(each graph fed the reference's own inputs for it: no compounding) and end to
+end (PSNR, SSIM), on the built-in sample and the held-out photos. Two numbers
+are kept for each: ``onnxruntime_cpu`` (what ``srexport check --backend ort``
+reproduces; onnxruntime's CPU provider has no fp16 Conv/MatMul and computes
+whole fp16 regions in fp32, so it under-states fp16 error) and
+``fp16_rounding`` (the graph's fp32 twin that rounds every fp16 tensor, as
+fp16 kernels with fp32 accumulation on a GPU do); the bounds hold on both.
+A NaN or Inf anywhere fails the build.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from ..errors import UserError
+from .capture import CalibrationSettings, builtin_photos_available
+
+PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_PRECISION = "fp16"
+IO_DTYPE = "float32"  # every precision: graphs take and return float32 (Casts inside)
+# Components an int8 build keeps in fp16, and why.
+INT8_AS_FP16 = {"degradation": "S3Diff's estimator runs once per image on the LR image; its scores "
+                               "modulate every LoRA layer"}
+FP16_SCAN_TILES = 8  # fp16 needs activation ranges only: fewer tiles than int8's calibration
+
+# Default bounds per precision (check uses the manifest's copy). fp32: graph vs
+# module max abs; fp16/int8: relative L2 per component and end-to-end PSNR (dB,
+# output in [0,1]) against the fp32 PyTorch reference. Chosen from the
+# measurements in the README's table, with margin for other images.
+BOUNDS: dict[str, dict] = {
+    "fp32": {"component_max_abs": 1e-3, "component_rel_l2": None, "end_to_end_min_psnr": 50.0},
+    "fp16": {"component_max_abs": None, "component_rel_l2": 1e-2, "end_to_end_min_psnr": 40.0},
+    "int8": {"component_max_abs": None, "component_rel_l2": 0.25, "end_to_end_min_psnr": 30.0},
+}
+
+
+def bounds_of(manifest: dict) -> dict:
+    """The artifact's bounds (recorded at build), else the defaults of its precision."""
+    recorded = manifest.get("checks", {}).get("bounds")
+    if recorded:
+        return recorded
+    return dict(BOUNDS[manifest.get("export", {}).get("precision", "fp32")])
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    precision: str = DEFAULT_PRECISION
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    method: str = "minmax"  # int8 activation ranges: minmax | percentile | entropy
+    held_out_lr: int = 64  # LR side of the held-out crops the error is measured on
+    exclude: tuple[str, ...] = ()  # extra int8 exclusions (node-name regexes)
+
+    def validate(self) -> "PrecisionOptions":
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        self.calibration.validate()
+        if self.precision == "int8" and self.calibration.builtin and not builtin_photos_available():
+            raise UserError("int8 calibration on the built-in photos needs scikit-image (pip install scikit-image, "
+                            "or pip install -e '.[calib]'), or pass --calib FOLDER of your own photos")
+        if self.method not in ("minmax", "percentile", "entropy"):
+            raise UserError(f"calibration method {self.method!r} is not minmax, percentile or entropy")
+        return self
+
+
+# --- conversion ---------------------------------------------------------------
+
+
+def _graph_files(folder: Path, name: str) -> list[Path]:
+    from ..export.onnx_export import data_file_name
+
+    graph = folder / f"{name}.onnx"
+    return [p for p in (graph, folder / data_file_name(graph.name)) if p.exists()]
+
+
+def _large(path: Path) -> bool:
+    from ..export.onnx_export import PROTOBUF_LIMIT, data_file_name
+
+    data = path.with_name(data_file_name(path.name))
+    return data.exists() and data.stat().st_size > PROTOBUF_LIMIT // 2
+
+
+def _range_cache(calibration: dict | None, fp32_path: Path, kind: str) -> Path | None:
+    """Activation ranges live beside the cached inputs they came from, per graph (sha256) and kind."""
+    from ..export.artifact import sha256_of
+    from .cache import cache_root
+
+    if not calibration or "cache_key" not in calibration:
+        return None
+    return cache_root() / calibration["cache_key"] / f"ranges-{sha256_of(fp32_path)[:16]}-{kind}.json"
+
+
+def _set_graph(folder: Path, manifest: dict, name: str, model: onnx.ModelProto) -> None:
+    """Write a component's graph and point the manifest's file entries at what was written."""
+    from ..export.onnx_export import data_file_name, save_model
+
+    for path in _graph_files(folder, name):
+        manifest["files"].pop(path.name, None)
+    written = save_model(model, folder / f"{name}.onnx")
+    files = manifest["components"][name]["files"]
+    files.pop("onnx_data", None)
+    for path in written:
+        manifest["files"][path.name] = {"path": path.name}
+    if len(written) > 1:
+        files["onnx_data"] = data_file_name(f"{name}.onnx")
+
+
+def convert_graphs(folder: Path, manifest: dict, reference, options: PrecisionOptions, progress) -> dict:
+    """Replace the fp32 graphs in ``folder`` by ``options.precision``'s; fill the manifest's
+    export and checks sections; return the precision record."""
+    from ..export.specs import ComponentSpec
+    from .capture import calibration_inputs
+    from .fp16 import FP32_OPS, activation_peaks, convert_to_fp16, fp32_nodes, overflow_nodes
+    from .int8 import QDQ_OPSET, activation_ranges, quantize_int8, qdq_summary, sensitive_nodes
+
+    folder = Path(folder)
+    precision = options.precision
+    specs = {n: ComponentSpec.from_dict(c["spec"]) for n, c in manifest["components"].items()}
+    export = manifest["export"]
+    export.update(precision=precision, io_dtype=IO_DTYPE)
+    manifest["checks"]["bounds"] = dict(BOUNDS[precision], precision=precision)
+    if precision == "fp32":
+        return {}
+
+    fp32_dir = folder / ".fp32"
+    fp32_dir.mkdir()
+    for name in specs:
+        for path in _graph_files(folder, name):
+            path.rename(fp32_dir / path.name)
+
+    # Calibration: the fp32 reference's inputs to every component on photo tiles, at the
+    # runtime's tile shape when the artifact has one.
+    settings = options.calibration
+    if settings.lr_tile is None:
+        import dataclasses
+
+        from .capture import DEFAULT_LR_TILE
+
+        tile = manifest.get("tiling", {}).get("tile")  # the denoiser's tile, output pixels
+        scale = manifest["processing"]["scale"]
+        settings = dataclasses.replace(settings, lr_tile=max(8, min(128, tile // scale)) if tile else DEFAULT_LR_TILE)
+    use_photos = not settings.builtin or builtin_photos_available()
+    if precision == "fp16" and settings.size > FP16_SCAN_TILES:
+        import dataclasses
+
+        settings = dataclasses.replace(settings, size=FP16_SCAN_TILES)
+    calibration = None
+    if use_photos:
+        t = time.perf_counter()
+        inputs, calibration = calibration_inputs(reference, specs, settings, manifest["model"],
+                                                 manifest["processing"]["scale"], progress.note)
+        progress.note(f"calibration: {settings.size} tiles of {settings.lr_tile}x{settings.lr_tile} LR from "
+                      f"{calibration['source']} ({'cached' if calibration['cache_hit'] else 'captured'}, "
+                      f"{time.perf_counter() - t:.1f} s; key {calibration['cache_key'][:12]})")
+    else:
+        from ..samples import SAMPLE_NAME, sample_image
+
+        env, _ = reference.stage_tensors(sample_image())
+        inputs = {c: {n: env[n].float().numpy() for n in spec.input_names} for c, spec in specs.items()}
+        calibration = {"source": SAMPLE_NAME + " only (scikit-image not installed: no built-in photos)", "size": 1}
+        progress.note("calibration: scikit-image is not installed, so fp16's activation scan uses the sample "
+                      "image only (pip install scikit-image for the built-in photos)")
+
+    details: dict[str, dict] = {}
+    for name, spec in specs.items():
+        t = time.perf_counter()
+        fp32_path = fp32_dir / f"{name}.onnx"
+        large = _large(fp32_path)
+        work = folder / f".work-{name}"
+        work.mkdir()
+        try:
+            if precision == "fp16" or name in INT8_AS_FP16:
+                peaks = activation_peaks(fp32_path, inputs[name], _range_cache(calibration, fp32_path, "peaks"))
+                peak = max(peaks.values(), default=0.0)
+                model = onnx.load(str(fp32_path), load_external_data=True)
+                keep = overflow_nodes(model, peaks)
+                model = convert_to_fp16(model, keep, large=large)
+                details[name] = {"kept_fp32_nodes": keep, "fp32_ops": fp32_nodes(model),
+                                 "fp32_activation_peak": round(peak, 3)}
+                if precision == "int8":
+                    details[name]["precision"] = "fp16 (" + INT8_AS_FP16[name] + ")"
+                note = (f"largest fp32 activation {peak:.3g}; kept fp32: {sum(details[name]['fp32_ops'].values())} "
+                        f"nodes ({', '.join(sorted(details[name]['fp32_ops']))})"
+                        + (f", {len(keep)} for range" if keep else ""))
+            else:
+                model = onnx.load(str(fp32_path), load_external_data=False)
+                excluded = sensitive_nodes(model, options.exclude)
+                del model
+                cache = _range_cache(calibration, fp32_path, f"int8-{options.method}") or work / "ranges.json"
+                activation_ranges(fp32_path, inputs[name], work, method=options.method, cache=cache)
+                model = quantize_int8(fp32_path, folder / f"{name}.onnx", cache, exclude=list(excluded),
+                                      method=options.method, large=large)
+                summary = qdq_summary(model)
+                if summary["problems"]:
+                    raise RuntimeError(f"int8 graph {name} breaks TensorRT's Q/DQ rules: {summary['problems'][:3]}")
+                reasons: dict[str, int] = {}
+                for reason in excluded.values():
+                    reasons[reason] = reasons.get(reason, 0) + 1
+                details[name] = {"quantized_layers": summary["quantized_layers"],
+                                 "excluded": {"count": len(excluded), "by_reason": reasons},
+                                 "fp32_ops": fp32_nodes(model)}
+                note = (f"int8 layers {sum(summary['quantized_layers'].values())} "
+                        f"({', '.join(f'{k} {v}' for k, v in summary['quantized_layers'].items() if v)}), "
+                        f"{len(excluded)} kept in float")
+            _set_graph(folder, manifest, name, model)
+            del model
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        size = sum(p.stat().st_size for p in _graph_files(folder, name)) / 2**20
+        made = "fp16" if precision == "fp16" or name in INT8_AS_FP16 else precision
+        progress.note(f"{name}.onnx ({made}) {size:.1f} MiB, {time.perf_counter() - t:.1f} s: {note}")
+
+    import importlib.metadata as md
+
+    export["fp32_ops"] = {op: why for op, why in FP32_OPS.items()
+                          if any(op in d["fp32_ops"] for d in details.values())}
+    export["fp16_converter"] = f"onnxconverter-common {md.version('onnxconverter-common')} (keep_io_types)"
+    if precision == "int8":
+        export["opset"] = QDQ_OPSET
+        export["int8"] = {
+            "quantizer": f"onnxruntime {md.version('onnxruntime')} quantize_static, QDQ",
+            "scheme": "symmetric int8 (zero point 0); weights per channel on the output-channel axis; activations "
+                      "per tensor; Q/DQ on Conv/MatMul/Gemm inputs; bias in float; the rest in fp16",
+            "activation_ranges": options.method, "calibration": calibration}
+    shutil.rmtree(fp32_dir)
+    record = {"precision": precision, "components": details, "calibration": calibration}
+    return record
+
+
+# --- measurement --------------------------------------------------------------
+
+
+def emulated_dir(folder: Path, manifest: dict, out: Path) -> Path:
+    """Write the fp16-rounding twins of an artifact's graphs into ``out``."""
+    from ..export.onnx_export import save_model
+    from .fp16 import emulate_fp16
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, component in manifest["components"].items():
+        path = folder / manifest["files"][component["files"]["onnx"]]["path"]
+        save_model(emulate_fp16(onnx.load(str(path), load_external_data=True)), out / f"{name}.onnx")
+    return out
+
+
+def runners_for(folder: Path, manifest: dict, threads: int | None = None) -> dict:
+    from ..export.specs import ComponentSpec
+    from ..runtime.runners import OnnxRuntimeRunner
+
+    return {name: OnnxRuntimeRunner(folder / f"{name}.onnx", ComponentSpec.from_dict(c["spec"]), threads=threads)
+            for name, c in manifest["components"].items()}
+
+
+def measurement_inputs(scale: int, held_out_lr: int) -> list[tuple[str, torch.Tensor]]:
+    from ..samples import SAMPLE_NAME, sample_image
+    from .capture import held_out_inputs
+
+    images = [(SAMPLE_NAME, sample_image())]
+    if builtin_photos_available():
+        images += held_out_inputs(scale, held_out_lr)
+    return images
+
+
+def measure(pipelines: dict, reference, images: list[tuple[str, torch.Tensor]]) -> dict:
+    """Per way of running (``onnxruntime_cpu``, ``fp16_rounding``): per component worst rel L2 /
+    max abs, end to end worst PSNR / SSIM, and every image's numbers. Non-finite output raises.
+
+    As ``checking.check_image``, each graph gets the reference's own inputs for it;
+    the reference runs once per image for all ways."""
+    from ..checking import _PEAK_TO_PEAK
+    from ..parity import compare, ssim
+    from ..processing import postprocess
+    from ..runtime.runners import TorchRunner
+
+    modules = reference.components()
+    per_image: dict[str, list] = {way: [] for way in pipelines}
+    for name, lr in images:
+        env, prepared = reference.stage_tensors(lr)
+        expected_out = postprocess(env["decoded"], prepared, reference.processing)
+        specs = next(iter(pipelines.values())).runners
+        feeds = {c: {n: env[n] for n in r.spec.input_names} for c, r in specs.items()}
+        # a component's output is the reference's own tensor of that name, except for UNet graphs
+        # whose outputs the denoise plan combines (exact guidance): those run their module
+        plan = next(iter(pipelines.values())).denoise_plan
+        combined = {t["component"] for t in plan["terms"]} if (
+            plan.get("latent_weight") or len(plan["terms"]) != 1 or plan["terms"][0]["weight"] != 1) else set()
+        expected = {c: (TorchRunner(modules[c], r.spec)(feeds[c]) if c in combined or
+                        any(n not in env for n in r.spec.output_names) else {n: env[n] for n in r.spec.output_names})
+                    for c, r in specs.items()}
+        for way, pipeline in pipelines.items():
+            components = {}
+            for c, runner in pipeline.runners.items():
+                actual = runner(feeds[c])
+                worst = None
+                for out_name, value in expected[c].items():
+                    p = compare(actual[out_name], value, peak_to_peak=_PEAK_TO_PEAK.get(out_name))
+                    worst = p if worst is None or p.rel_l2 > worst.rel_l2 else worst
+                components[c] = worst
+            out = pipeline(lr)
+            end = compare(out, expected_out, peak_to_peak=1.0)
+            bad = [c for c, p in components.items() if not math.isfinite(p.max_abs)]
+            if bad or not math.isfinite(end.max_abs):
+                raise RuntimeError(f"{way}: NaN or Inf in {', '.join(bad) or 'the output'} on {name}; the "
+                                   "converted graphs overflow (keep more in fp32, or build --precision fp32)")
+            per_image[way].append({
+                "image": name, "output_shape": list(out.shape),
+                "components": {c: {"rel_l2": p.rel_l2, "max_abs": p.max_abs} for c, p in components.items()},
+                "end_to_end": {"psnr_db": round(end.psnr_db, 3), "ssim": round(ssim(out, expected_out), 5),
+                               "max_abs": end.max_abs}})
+    result = {}
+    for way, entries in per_image.items():
+        components = {}
+        for entry in entries:
+            for c, p in entry["components"].items():
+                worst = components.setdefault(c, {"rel_l2": 0.0, "max_abs": 0.0})
+                worst["rel_l2"], worst["max_abs"] = max(worst["rel_l2"], p["rel_l2"]), max(worst["max_abs"], p["max_abs"])
+        psnrs = [e["end_to_end"]["psnr_db"] for e in entries]
+        ssims = [e["end_to_end"]["ssim"] for e in entries]
+        result[way] = {"components": components,
+                       "end_to_end": {"min_psnr_db": min(psnrs), "mean_psnr_db": round(float(np.mean(psnrs)), 3),
+                                      "min_ssim": min(ssims), "mean_ssim": round(float(np.mean(ssims)), 5)},
+                       "images": entries}
+    return result
+
+
+def bound_failures(result: dict, bounds: dict) -> list[str]:
+    problems = []
+    rel = bounds.get("component_rel_l2")
+    for way, r in result.items():
+        if rel is not None:
+            problems += [f"{way}: {c} rel_l2 {p['rel_l2']:.2e} > {rel:g}"
+                         for c, p in r["components"].items() if not p["rel_l2"] <= rel]
+        if not r["end_to_end"]["min_psnr_db"] >= bounds["end_to_end_min_psnr"]:
+            problems.append(f"{way}: end-to-end PSNR {r['end_to_end']['min_psnr_db']:.2f} dB "
+                            f"< {bounds['end_to_end_min_psnr']} dB")
+    return problems
+
+
+def measure_artifact_folder(folder: Path, manifest: dict, reference, options: PrecisionOptions, progress,
+                            enforce: bool = True) -> dict:
+    """The converted graphs in ``folder`` against the fp32 reference; raises on NaN/Inf, and on a
+    missed bound when ``enforce`` (a build; the record lists them either way)."""
+    from ..runtime.pipeline import SRPipeline
+
+    images = measurement_inputs(manifest["processing"]["scale"], options.held_out_lr)
+    twin = emulated_dir(folder, manifest, folder / ".fp16-rounding")
+    try:
+        # whole images: the error of a precision, not of tiling (measured apart)
+        pipelines = {"onnxruntime_cpu": SRPipeline(manifest, runners_for(folder, manifest), tiled=False),
+                     "fp16_rounding": SRPipeline(manifest, runners_for(twin, manifest), tiled=False)}
+        result = measure(pipelines, reference, images)
+    finally:
+        shutil.rmtree(twin, ignore_errors=True)
+    for way, r in result.items():
+        comps = "  ".join(f"{c} {p['rel_l2']:.2e}" for c, p in r["components"].items())
+        e = r["end_to_end"]
+        progress.note(f"{way:<16} rel_l2 {comps}  |  end to end PSNR min {e['min_psnr_db']:.2f} / mean "
+                      f"{e['mean_psnr_db']:.2f} dB, SSIM min {e['min_ssim']:.4f}")
+    progress.note(f"on {len(images)} images: " + "; ".join(n for n, _ in images))
+    bounds = manifest["checks"]["bounds"]
+    problems = bound_failures(result, bounds)
+    if problems and enforce:
+        raise RuntimeError(f"{options.precision} graphs miss their bounds against the fp32 reference: "
+                           + "; ".join(problems[:4]) + " (build --precision fp16 or fp32 instead)")
+    return {"against": "fp32 PyTorch reference", "inputs": [n for n, _ in images],
+            "ways": {"onnxruntime_cpu": "onnxruntime CPU on the artifact's graphs (fp16 regions run in fp32)",
+                     "fp16_rounding": "the graphs' fp32 twins rounding every fp16 tensor (GPU-like fp16)"},
+            **result, "bound_failures": problems}

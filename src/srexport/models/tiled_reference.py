@@ -1,0 +1,73 @@
+"""The tiled algorithm in plain PyTorch: the parity oracle for tiled runs.
+
+Written apart from the runtime's streaming code, on whole tensors: the
+reference's own ``preprocess``, ``kernels.extract_tiles`` / ``blend_tiles``
+over all tiles at once, the reference's own encode / denoise / decode one tile
+at a time, and its ``postprocess``. Only the tile layout (``StageTiling.grid``:
+origins, tile shape) is shared with the runtime; it is tested on its own.
+
+So ``srexport check`` compares a backend's tiled run with this (they should
+agree to float rounding) and, separately, this with the untiled reference
+(what tiling itself changes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..export.specs import VAE_FACTOR
+from ..kernels.tiling import blend_tiles, extract_tiles, gaussian_weights
+from ..processing import postprocess
+from ..runtime.tiling import StageTiling, TilingSettings
+
+
+def tiled_apply(fn, x: torch.Tensor, stage: StageTiling) -> torch.Tensor:
+    """``fn`` over tiles of ``x`` (1, C, H, W), one tile at a time, blended; tiles past
+    the image are reflect-padded and the result cropped."""
+    height, width = x.shape[-2:]
+    grid = stage.grid(height, width)
+    origins = grid.origins
+    tiles = extract_tiles(x, origins, grid.tile_h, grid.tile_w, pad_mode="reflect")
+    outs = torch.cat([fn(tiles[i : i + 1]) for i in range(len(origins))])
+    out_h, out_w = stage.out(height), stage.out(width)
+    if len(origins) == 1:  # one tile: the blend is the tile itself
+        return outs[..., :out_h, :out_w]
+    weights = gaussian_weights(stage.out(grid.tile_h), stage.out(grid.tile_w))
+    return blend_tiles(outs, [(stage.out(y), stage.out(x_)) for y, x_ in origins], out_h, out_w, weights)
+
+
+class TiledReference:
+    """A reference pipeline (PisaReference, S3DiffReference) run the tiled way."""
+
+    def __init__(self, reference, settings: TilingSettings):
+        self.reference = reference
+        self.settings = settings.validate()
+        self.processing = reference.processing
+
+    @torch.no_grad()
+    def stage_tensors(self, lr: torch.Tensor):
+        ref = self.reference
+        prepared = ref.preprocess(lr)
+        height, width = prepared.model_input.shape[-2:]
+        if self.settings.fits_one_tile(height, width):
+            return ref.stage_tensors(lr)  # one tile for every stage: the whole-image computation
+        env = {"lr_image": lr, "image": prepared.model_input}
+        extra = ()
+        if hasattr(ref, "scores"):  # S3Diff: from the whole LR image, the same for every tile
+            env["scores"] = ref.scores(lr)
+            extra = (env["scores"],)
+
+        def per_tile(fn):
+            return lambda tile: fn(tile, *(e.expand(tile.shape[0], *e.shape[1:]) for e in extra))
+
+        stages = self.settings.stages()
+        env["latent"] = tiled_apply(per_tile(ref.encode), env["image"], stages["encode"])
+        env["denoised"] = tiled_apply(per_tile(ref.denoise), env["latent"], stages["denoise"])
+        env["decoded"] = tiled_apply(ref.decode, env["denoised"], stages["decode"])
+        assert env["decoded"].shape[-2:] == (height, width) and height % VAE_FACTOR == 0
+        return env, prepared
+
+    @torch.no_grad()
+    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        env, prepared = self.stage_tensors(lr)
+        return postprocess(env["decoded"], prepared, self.processing)

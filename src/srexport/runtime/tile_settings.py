@@ -1,0 +1,137 @@
+"""Tile geometry settings: defaults, their reasoning, validation and the manifest section.
+
+Torch-free, so the CLI can show the defaults in ``--help`` without loading torch.
+The tiled execution itself is ``runtime.tiling``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+VAE_FACTOR = 8  # export.specs.VAE_FACTOR (kept here so this module needs no torch)
+GAUSSIAN_VARIANCE = 0.01  # kernels.tiling.GAUSSIAN_VARIANCE: upstream's, relative to the squared tile size
+
+TILE_MULTIPLE = 64  # px: latent tiles stay multiples of 8 (the UNet's three 2x downsamplings)
+OVERLAP_MULTIPLE = VAE_FACTOR  # px: a whole number of latent pixels
+
+DEFAULT_TILE = 512
+DEFAULT_OVERLAP = 128
+DEFAULT_BATCH = 4
+DEFAULT_VAE_TILE = 1024
+DEFAULT_VAE_OVERLAP = 256
+DEFAULT_UNTILED_MAX_MEGAPIXELS = 2.1  # e.g. 1448 x 1448 or 2048 x 1024 output
+
+REASONING = (
+    "Denoiser tiles of 512 px (64 latent) with 128 px (16 latent) overlap: 512 px is what SD 2.1-base and "
+    "PiSA-SR were trained at and PiSA-SR's process size, so output sides are at least one tile (but 504 px for "
+    "four input sizes that upstream's pre-resize rounds down), a 512x512 output is exactly one tile (tiled "
+    "equals untiled), and the UNet sees content at its training scale. Upstream tiles 96 latent with 32 "
+    "overlap (768/256 px); a 1/4 overlap costs 1.78x the untiled UNet work instead of 2.25x. VAE tiles of "
+    "1024 px with 256 px overlap (upstream: encoder 1024 px, decoder 224 latent): the VAE is 84% of the work "
+    "and its GroupNorm statistics are per tile, so its error against a whole-image pass falls fast with tile "
+    "size; one 1024 px VAE tile holds as many pixels as a batch of four 512 px UNet tiles, so the VAE batch "
+    "is 1 and every call moves about 1 MP. Batch 4: enough work per call to fill a large GPU at 512 px tiles. "
+    "On CPU, onnxruntime has no fused attention, so a 1024 px VAE tile's mid-block attention (16384 tokens) "
+    "holds about 1 GiB of scores per call; --vae-tile 512 cuts that 16x, at a larger tiling error. "
+    "Whole-image runs (--no-tile) are refused above 2.1 MP of output: the VAE's mid-block attention is "
+    "quadratic in the pixel count, (pixels)^2 / 1 KiB bytes of fp32 scores without fused attention: 4 GiB at "
+    "2.1 MP, 17 GiB at 4.2 MP (2048x2048)."
+)
+
+
+@dataclass(frozen=True)
+class TilingSettings:
+    """Tile geometry in output-resolution pixels (latent = pixels / 8)."""
+
+    tile: int = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP
+    batch: int = DEFAULT_BATCH
+    vae_tile: int = DEFAULT_VAE_TILE
+    vae_overlap: int = DEFAULT_VAE_OVERLAP
+    pad: bool = False  # pad sides shorter than a tile up to it (fixed-shape engines)
+    untiled_max_megapixels: float = DEFAULT_UNTILED_MAX_MEGAPIXELS
+
+    def validate(self) -> "TilingSettings":
+        for flag, tile, overlap in (("--tile", self.tile, self.overlap),
+                                    ("--vae-tile", self.vae_tile, self.vae_overlap)):
+            if tile < TILE_MULTIPLE or tile % TILE_MULTIPLE:
+                raise UserError(f"{flag} {tile} must be a positive multiple of {TILE_MULTIPLE} pixels "
+                                f"(tiles of whole latent blocks); try {max(TILE_MULTIPLE, round(tile / 64) * 64)}")
+            overlap_flag = "--tile-overlap" if flag == "--tile" else "--vae-tile-overlap"
+            if overlap % OVERLAP_MULTIPLE or not 0 <= overlap <= tile // 2:
+                raise UserError(f"{overlap_flag} {overlap} must be a multiple of {OVERLAP_MULTIPLE} pixels from 0 "
+                                f"to half the tile ({tile // 2})")
+        if not 1 <= self.batch <= 256:
+            raise UserError(f"--tile-batch {self.batch} is out of range; use 1 to 256")
+        if not self.untiled_max_megapixels > 0:
+            raise UserError(f"--untiled-max-mp {self.untiled_max_megapixels} must be a positive number of megapixels")
+        return self
+
+    @property
+    def vae_batch(self) -> int:
+        """VAE tiles per call: as many pixels per call as a batch of denoiser tiles."""
+        return max(1, self.batch * self.tile**2 // self.vae_tile**2)
+
+    def stages(self) -> dict:
+        """The three tiled stages (``runtime.tiling.StageTiling``), each in its input's own pixels."""
+        from .tiling import StageTiling
+
+        f = VAE_FACTOR
+        return {
+            "encode": StageTiling("encode", self.vae_tile, self.vae_overlap, self.vae_batch, 1, f, self.pad),
+            "denoise": StageTiling("denoise", self.tile // f, self.overlap // f, self.batch, 1, 1, self.pad),
+            "decode": StageTiling("decode", self.vae_tile // f, self.vae_overlap // f, self.vae_batch, f, 1,
+                                  self.pad),
+        }
+
+    def fits_one_tile(self, height: int, width: int) -> bool:
+        """An encoder input of this size (pixels) is one tile for every stage: it runs whole."""
+        return not self.pad and max(height, width) <= min(self.tile, self.vae_tile)
+
+    def to_manifest(self) -> dict:
+        f = VAE_FACTOR
+        return {
+            "unit": "output-resolution pixels; latent = pixels / 8",
+            "tile": self.tile, "overlap": self.overlap, "batch": self.batch,
+            "latent_tile": self.tile // f, "latent_overlap": self.overlap // f,
+            "vae": {
+                "encoder": {"tile": self.vae_tile, "overlap": self.vae_overlap, "batch": self.vae_batch},
+                "decoder": {"tile": self.vae_tile, "overlap": self.vae_overlap, "batch": self.vae_batch,
+                            "latent_tile": self.vae_tile // f, "latent_overlap": self.vae_overlap // f},
+                "norm": "per tile (each tile's own GroupNorm statistics), blended",
+            },
+            "blend": {"weights": "gaussian", "variance": GAUSSIAN_VARIANCE,
+                      "formula": "w(x) = exp(-(x - (T-1)/2)^2 / (2 * 0.01 * T^2)), outer product over the tile; "
+                                 "out = sum(w * tile) / sum(w)",
+                      "denoise_blends": "z0 (equal to blending eps: the denoise plan is affine per pixel)"},
+            "origins": "stride tile - overlap from 0, the last tile aligned to the far edge",
+            "pad": self.pad,
+            "short_sides": ("reflect-padded up to the tile and cropped back" if self.pad else
+                            "run at their own length (images within one tile run whole)"),
+            "per_image_inputs": "inputs with a batch dim and no spatial dim (S3Diff scores) come from the "
+                                "whole image once and are repeated over each tile batch",
+            "untiled_max_megapixels": self.untiled_max_megapixels,
+            "reasoning": REASONING,
+        }
+
+    @classmethod
+    def from_manifest(cls, section: dict) -> "TilingSettings":
+        vae = section.get("vae", {}).get("decoder", {})
+        return cls(
+            tile=int(section["tile"]), overlap=int(section["overlap"]), batch=int(section["batch"]),
+            vae_tile=int(vae.get("tile", section["tile"])), vae_overlap=int(vae.get("overlap", section["overlap"])),
+            pad=bool(section.get("pad", False)),
+            untiled_max_megapixels=float(section.get("untiled_max_megapixels", DEFAULT_UNTILED_MAX_MEGAPIXELS)),
+        )
+
+
+def tiling_section(settings: TilingSettings | None = None) -> dict:
+    """The manifest's ``tiling`` section (what manifest builders call)."""
+    return (settings or TilingSettings()).validate().to_manifest()
+
+
+def manifest_tiling(manifest: dict) -> TilingSettings | None:
+    section = manifest.get("tiling")
+    return TilingSettings.from_manifest(section) if section else None

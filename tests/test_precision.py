@@ -1,0 +1,292 @@
+"""fp16 and int8 graphs: structure TensorRT accepts, onnxruntime runs, error vs the fp32 reference.
+
+The session's fp32 demo artifact is converted with the same function
+``build --precision`` uses (no second export), on a few small calibration
+tiles, and measured on the sample and the held-out photos.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+from srexport.calibration.capture import CalibrationSettings, builtin_photos_available
+
+pytestmark = pytest.mark.skipif(not builtin_photos_available(), reason="needs scikit-image's photos (dev extra)")
+
+CALIB = CalibrationSettings(size=3, lr_tile=32)
+HELD_OUT_LR = 16  # pre-resized to the demo's 32-pixel minimum: the smallest real input
+
+
+class _Quiet:
+    def __call__(self, message):
+        pass
+
+    note = __call__
+
+
+@pytest.fixture(scope="module")
+def reference(demo_artifact):
+    from srexport.export.artifact import load_artifact
+    from srexport.runtime.loading import reference_for
+
+    return reference_for(load_artifact(demo_artifact))
+
+
+def _convert(demo_artifact, tmp_path_factory, reference, precision):
+    from srexport.calibration.precision import (PrecisionOptions, convert_graphs, measure_artifact_folder)
+    from srexport.export.artifact import load_artifact, read_manifest, write_manifest
+
+    folder = tmp_path_factory.mktemp(precision) / f"pisa-demo-{precision}"
+    shutil.copytree(demo_artifact, folder)
+    manifest = read_manifest(folder)
+    options = PrecisionOptions(precision, CALIB, held_out_lr=HELD_OUT_LR).validate()
+    record = convert_graphs(folder, manifest, reference, options, _Quiet())
+    # the demo's weights are seeded noise, not trained: its int8 error says little, so the
+    # bounds are not enforced here (build enforces them); the numbers are checked below
+    manifest["checks"]["precision"] = {**record, **measure_artifact_folder(folder, manifest, reference, options,
+                                                                           _Quiet(), enforce=False)}
+    write_manifest(folder, manifest)
+    return load_artifact(folder)
+
+
+@pytest.fixture(scope="module")
+def fp16(demo_artifact, tmp_path_factory, reference):
+    return _convert(demo_artifact, tmp_path_factory, reference, "fp16")
+
+
+@pytest.fixture(scope="module")
+def int8(demo_artifact, tmp_path_factory, reference):
+    return _convert(demo_artifact, tmp_path_factory, reference, "int8")
+
+
+def _graphs(art):
+    return {name: art.component_file(name) for name in art.components}
+
+
+def _types(model):
+    model = onnx.shape_inference.infer_shapes(model)
+    return {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input,
+                                                             *model.graph.output)}
+
+
+# --- fp16 --------------------------------------------------------------------------------
+
+
+def test_fp16_graph_structure(fp16):
+    """fp16 weights, float32 I/O, norms and softmax computed in fp32, TensorRT 10/11's parser satisfied."""
+    from srexport.export.trt_support import check_graph
+
+    assert fp16.manifest["export"]["precision"] == "fp16" and fp16.manifest["export"]["io_dtype"] == "float32"
+    for name, path in _graphs(fp16).items():
+        model = onnx.load(str(path))
+        types = _types(model)
+        initializers = {t.name: t for t in model.graph.initializer}
+        weights = [initializers[n.input[1]] for n in model.graph.node
+                   if n.op_type in ("Conv", "MatMul", "Gemm") and n.input[1] in initializers]
+        assert weights and all(t.data_type == TensorProto.FLOAT16 for t in weights), name
+        assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT for v in (*model.graph.input, *model.graph.output))
+        convs = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul")]
+        assert convs and all(types[n.output[0]] == TensorProto.FLOAT16 for n in convs), name
+        for node in model.graph.node:
+            if node.op_type in ("InstanceNormalization", "LayerNormalization", "Softmax"):
+                assert types[node.output[0]] == TensorProto.FLOAT, f"{name}: {node.name} is not fp32"
+        assert check_graph(path, 10) == [] and check_graph(path, 11) == [], name
+
+
+def test_fp16_runs_in_onnxruntime_cpu_and_as_fp16_rounding_twin(fp16, reference):
+    """onnxruntime's CPU provider loads and runs the fp16 graphs, but it has no fp16 Conv/MatMul
+    kernel and computes those regions in fp32, so the error is also measured on the twin that
+    rounds every fp16 tensor (the GPU-like number); that one is the larger."""
+    record = fp16.manifest["checks"]["precision"]
+    ort, twin = record["onnxruntime_cpu"], record["fp16_rounding"]
+    for name in fp16.components:
+        assert 0 < ort["components"][name]["rel_l2"] <= twin["components"][name]["rel_l2"] * 1.5
+        assert twin["components"][name]["rel_l2"] < 1e-2
+    assert twin["end_to_end"]["min_psnr_db"] <= ort["end_to_end"]["min_psnr_db"] + 1.0
+    assert twin["end_to_end"]["min_psnr_db"] >= 40.0 and twin["end_to_end"]["min_ssim"] > 0.99
+
+
+def test_fp16_rounding_twin_rounds_and_overflows():
+    from onnx import helper as h
+
+    from srexport.calibration.fp16 import emulate_fp16
+
+    nodes = [h.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16), h.make_node("Mul", ["h", "w"], ["m"]),
+             h.make_node("Cast", ["m"], ["y"], to=TensorProto.FLOAT)]
+    w = onnx.numpy_helper.from_array(np.array([3.0], dtype=np.float16), "w")
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                         [h.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [w])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    import onnxruntime as ort
+
+    twin = emulate_fp16(model)
+    assert all(t.data_type == TensorProto.FLOAT for t in twin.graph.initializer)
+    x = np.array([0.1, 1 / 3, 30000.0, -1.0], dtype=np.float32)
+    y = ort.InferenceSession(twin.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    expected = (x[[0, 1, 3]].astype(np.float16).astype(np.float32) * 3).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(y[[0, 1, 3]], expected)
+    assert math.isinf(y[2])  # 90000 overflows fp16, as on a GPU
+
+
+# --- int8 --------------------------------------------------------------------------------
+
+
+def test_int8_graphs_are_symmetric_per_channel_qdq(int8):
+    from srexport.calibration.int8 import QDQ_OPSET, qdq_summary
+    from srexport.export.trt_support import check_graph
+
+    for name, path in _graphs(int8).items():
+        model = onnx.load(str(path))
+        assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == QDQ_OPSET
+        summary = qdq_summary(model)
+        assert summary["problems"] == [], (name, summary["problems"][:3])
+        assert summary["quantized_layers"]["Conv"] > 0 and summary["weights_per_tensor"] == 0
+        values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        assert qdq and all(values[n.input[2]].dtype == np.int8 and not values[n.input[2]].any() for n in qdq)
+        weight_dq = [n for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in values]
+        assert weight_dq and all(values[n.input[1]].size > 1 for n in weight_dq)  # per channel
+        assert all(values[n.input[0]].dtype == np.int8 for n in weight_dq)  # no INT32 bias DQ
+        producers = {o: n for n in model.graph.node for o in n.output}
+        for node in model.graph.node:  # sensitive layers stay in float
+            if node.op_type == "Conv" and ("/conv_in/" in node.name or "/conv_out/" in node.name):
+                assert producers[node.input[1]].op_type != "DequantizeLinear" if node.input[1] in producers else True
+                assert node.input[1] not in {n.output[0] for n in weight_dq}
+        assert check_graph(path, 10) == [] and check_graph(path, 11) == [], name
+
+
+def test_int8_error_recorded_against_fp32(int8, fp16):
+    record = int8.manifest["checks"]["precision"]
+    assert int8.manifest["export"]["precision"] == "int8"
+    assert record["calibration"]["size"] == CALIB.size and record["calibration"]["lr_tile"] == CALIB.lr_tile
+    assert any("held out" in name for name in record["inputs"])
+    assert int8.manifest["checks"]["bounds"]["end_to_end_min_psnr"] == 30.0
+    assert isinstance(record["bound_failures"], list)
+    for way in ("onnxruntime_cpu", "fp16_rounding"):
+        r = record[way]
+        assert set(r["components"]) == set(int8.components)
+        assert all(0 < c["rel_l2"] < 1 for c in r["components"].values())
+        assert math.isfinite(r["end_to_end"]["min_psnr_db"]) and 0 < r["end_to_end"]["min_ssim"] <= 1
+        # int8 costs more than fp16, per component and end to end
+        f = fp16.manifest["checks"]["precision"][way]
+        assert all(r["components"][c]["rel_l2"] > f["components"][c]["rel_l2"] for c in r["components"])
+        assert r["end_to_end"]["mean_psnr_db"] < f["end_to_end"]["mean_psnr_db"]
+
+
+def test_no_nan_or_inf_on_calibration_and_held_out(fp16, int8):
+    """Every converted graph on the captured calibration inputs; the held-out photos went through
+    the build's measurement, which raises on any non-finite output (next test)."""
+    from srexport.calibration import cache
+    from srexport.calibration.precision import runners_for
+
+    for art in (fp16, int8):
+        record = art.manifest["checks"]["precision"]
+        assert sum("held out" in name for name in record["inputs"]) == 3
+        assert all(math.isfinite(r["end_to_end"]["min_psnr_db"]) for r in
+                   (record["onnxruntime_cpu"], record["fp16_rounding"]))
+        captured = cache.load(record["calibration"]["cache_key"])
+        assert captured is not None
+        for name, runner in runners_for(art.folder, art.manifest).items():
+            feeds = {k: torch.from_numpy(v) for k, v in captured[name].items()}  # all tiles as one batch
+            for out in runner(feeds).values():
+                assert torch.isfinite(out).all(), f"{art.manifest['export']['precision']} {name}"
+
+
+def test_nan_fails_the_measurement_loudly(fp16, reference, small_lr):
+    from srexport.calibration.precision import measure, runners_for
+    from srexport.runtime.pipeline import SRPipeline
+
+    runners = runners_for(fp16.folder, fp16.manifest)
+    decoder = runners["vae_decoder"]
+
+    class Overflowing:
+        spec, backend, device = decoder.spec, decoder.backend, decoder.device
+
+        def __call__(self, feeds):
+            return {k: v * float("inf") for k, v in decoder(feeds).items()}
+
+    runners["vae_decoder"] = Overflowing()
+    with pytest.raises(RuntimeError, match="NaN or Inf in vae_decoder"):
+        measure({"ort": SRPipeline(fp16.manifest, runners)}, reference, [("sample crop", small_lr)])
+
+
+# --- calibration data and its cache --------------------------------------------------------
+
+
+def test_calibration_inputs_are_the_references_and_cached(int8, reference):
+    """The build's calibration entry is reused (same key: a hit, same arrays); its tensors are
+    what the fp32 reference feeds each component; other settings make another key."""
+    import dataclasses
+
+    from srexport.calibration.capture import calibration_inputs, calibration_tiles, photos_fingerprint
+    from srexport.calibration.cache import cache_key
+    from srexport.export.specs import ComponentSpec
+
+    manifest = int8.manifest
+    specs = {n: ComponentSpec.from_dict(c["spec"]) for n, c in manifest["components"].items()}
+    first = int8.manifest["checks"]["precision"]["calibration"]
+    again, record = calibration_inputs(reference, specs, CALIB, manifest["model"], 4)
+    assert record["cache_hit"] and record["cache_key"] == first["cache_key"]
+    env, _ = reference.stage_tensors(calibration_tiles(CALIB, 4)[1:2])
+    np.testing.assert_allclose(again["vae_encoder"]["image"][1:2], env["image"].numpy(), atol=1e-6)
+    np.testing.assert_allclose(again["unet"]["latent"][1:2], env["latent"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(again["vae_decoder"]["denoised"][1:2], env["denoised"].numpy(), atol=1e-5)
+    assert {k: list(v["image"].shape) for k, v in again.items() if "image" in v} == {"vae_encoder": [CALIB.size, 3, 128, 128]}
+    # the key covers the calibration settings and the photos
+    base = {"calibration": CALIB.describe(), "photos": photos_fingerprint(CALIB)}
+    other = dataclasses.replace(CALIB, size=5)
+    assert cache_key(base) != cache_key(dict(base, calibration=other.describe()))
+
+
+def test_calibration_from_a_user_folder(tmp_path, reference, fp16):
+    from PIL import Image
+
+    from srexport.calibration.capture import calibration_tiles
+    from srexport.errors import UserError
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (160, 200, 3), dtype=np.uint8)).save(tmp_path / f"p{i}.png")
+    tiles = calibration_tiles(CalibrationSettings(str(tmp_path), size=3, lr_tile=32), 4)
+    assert tiles.shape == (3, 3, 32, 32) and 0 <= float(tiles.min()) and float(tiles.max()) <= 1
+    with pytest.raises(UserError, match="not 'builtin' and not a folder"):
+        CalibrationSettings(str(tmp_path / "nope")).validate()
+    with pytest.raises(UserError, match="held-out"):
+        CalibrationSettings("builtin:held_out").validate()
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+def test_build_defaults_to_fp16_and_takes_calibration_flags():
+    from srexport.cli import _build_parser
+
+    args = _build_parser().parse_args(["build"])
+    assert args.precision == "fp16" and args.calib == "builtin" and args.calib_size == 32
+    args = _build_parser().parse_args(["build", "--precision", "int8", "--calib", "photos", "--calib-size", "8"])
+    assert (args.precision, args.calib, args.calib_size) == ("int8", "photos", 8)
+
+
+def test_check_uses_the_artifacts_precision_bounds(fp16, capsys, tmp_path):
+    """check on an fp16 artifact: the manifest's fp16 bounds (rel L2, PSNR), SSIM, and both the
+    onnxruntime CPU run and the fp16-rounding twin; a missed bound ends with status 1."""
+    from srexport.cli import main
+
+    report = tmp_path / "check.json"
+    assert main(["check", str(fp16.folder), "--json", str(report), "--min-psnr", "200"]) == 1
+    out = capsys.readouterr().out
+    assert "fp16 graphs" in out and "rel_l2 <= 0.01" in out and "SSIM" in out and "fp16 rounding" in out
+    data = json.loads(report.read_text())
+    assert data["precision"] == "fp16" and data["max_abs"] is None and data["max_rel_l2"] == 1e-2
+    assert len(data["images"]) == 2 and all(r["end_to_end"]["ssim"] > 0.99 for r in data["images"])
+    assert all(r["end_to_end"]["psnr_db"] >= 40.0 for r in data["images"])
+    assert all("PSNR" in f and "< 200" in f for f in data["failures"])
