@@ -252,6 +252,3 @@ def _output_channel_axis(node, rank: int) -> int | None:
         return 0 if trans_b else 1
     return None
 
-
-def weight_scales_dtype(model: onnx.ModelProto) -> set[str]:
-    return {TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer if t.name.endswith("_scale")}
