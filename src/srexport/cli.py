@@ -39,8 +39,9 @@ def _build_parser() -> argparse.ArgumentParser:
             "Export a model to an artifact folder: ONNX graphs for vae_encoder, the UNet and vae_decoder, and a "
             "manifest.json with specs, constants, checks and sha256 of every file. Every graph is checked against "
             "its PyTorch module and the whole ONNX pipeline against the PyTorch reference before the folder is "
-            "written (atomically). With no --base/--checkpoint the built-in demo is built: a tiny model with SD "
-            "2.1's block structure and seeded, untrained weights. The VAE encoder returns the latent posterior "
+            "written (atomically). With no --base/--checkpoint the built-in demo is built: for pisa-sr a tiny "
+            "model with SD 2.1's block structure trained for minutes on a CPU (it sharpens a little; numbers "
+            "on it mean something), for s3diff the same structure with seeded, untrained weights. The VAE encoder returns the latent posterior "
             "mean; upstream samples from the posterior."),
     )
     b.add_argument("--model", choices=["pisa-sr", "s3diff"], default="pisa-sr",
@@ -285,8 +286,9 @@ def cmd_build(args) -> int:
                 raise UserError(f"{flag} {path} does not exist")
     prepare, source, settings = (_pisa_build if args.model == "pisa-sr" else _s3diff_build)(args)
     if source.demo and not args.quiet:
-        print(f"Building the built-in {args.model} DEMO: a tiny model with SD 2.1's block structure and seeded, "
-              "untrained weights (its output is not a real super-resolution).", file=sys.stderr)
+        from .models.sources import demo_description
+
+        print(f"Building the built-in {args.model} DEMO: {demo_description(source)}.", file=sys.stderr)
     out = args.out or Path("artifacts") / f"{args.model}-x{args.scale}{'-demo' if source.demo else ''}"
     path = build(prepare, source, settings, out, force=args.force, quiet=args.quiet, precision=precision,
                  tiling=tiling)
@@ -325,7 +327,7 @@ def _precision_options(args):
 def _pisa_build(args):
     from .export.pisa_recipe import prepare_pisa
     from .models.pisa_reference import PisaSettings
-    from .models.sources import PisaSource, demo_pisa_source
+    from .models.sources import PisaSource, demo_description, demo_pisa_source
 
     if args.de_net is not None:
         raise UserError("--de-net is for --model s3diff; PiSA-SR has no degradation estimator")
@@ -544,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"srexport: error: {e}", file=sys.stderr)
-        return UserError.exit_code
+        return e.exit_code
     except KeyboardInterrupt:
         print("srexport: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -1,7 +1,10 @@
-"""The one exception type a user sees.
+"""The exception types a user sees.
 
 A ``UserError`` names the problem and the fix in one line; the CLI prints it
-without a traceback and exits with status 2. Anything else is a bug.
+without a traceback and exits with status 2. A ``QualityError`` is the same for
+a build whose converted graphs ran but missed their accuracy bound (or produced
+NaN/Inf): exit status 3, so scripts can tell "fix your flags" from "this
+precision is not good enough for this model". Anything else is a bug.
 """
 
 
@@ -12,3 +15,9 @@ class UserError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class QualityError(UserError):
+    """Converted graphs that miss their bound against the fp32 reference. Message is one line."""
+
+    exit_code = 3

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..errors import UserError
+from ..errors import QualityError, UserError
 from .capture import CalibrationSettings, builtin_photos_available
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -317,7 +317,7 @@ def measure(pipelines: dict, reference, images: list[tuple[str, torch.Tensor]]) 
             end = compare(out, expected_out, peak_to_peak=1.0)
             bad = [c for c, p in components.items() if not math.isfinite(p.max_abs)]
             if bad or not math.isfinite(end.max_abs):
-                raise RuntimeError(f"{way}: NaN or Inf in {', '.join(bad) or 'the output'} on {name}; the "
+                raise QualityError(f"{way}: NaN or Inf in {', '.join(bad) or 'the output'} on {name}; the "
                                    "converted graphs overflow (keep more in fp32, or build --precision fp32)")
             per_image[way].append({
                 "image": name, "output_shape": list(out.shape),
@@ -377,8 +377,9 @@ def measure_artifact_folder(folder: Path, manifest: dict, reference, options: Pr
     bounds = manifest["checks"]["bounds"]
     problems = bound_failures(result, bounds)
     if problems and enforce:
-        raise RuntimeError(f"{options.precision} graphs miss their bounds against the fp32 reference: "
-                           + "; ".join(problems[:4]) + " (build --precision fp16 or fp32 instead)")
+        raise QualityError(f"{options.precision} graphs miss their bounds against the fp32 reference: "
+                           + "; ".join(problems[:4]) + "; nothing was written (build --precision fp16 or fp32 "
+                           "instead, or calibrate on more photos with --calib DIR --calib-size N)")
     return {"against": "fp32 PyTorch reference", "inputs": [n for n, _ in images],
             "ways": {"onnxruntime_cpu": "onnxruntime CPU on the artifact's graphs (fp16 regions run in fp32)",
                      "fp16_rounding": "the graphs' fp32 twins rounding every fp16 tensor (GPU-like fp16)"},
