@@ -327,6 +327,27 @@ def test_cost_counts_hand_computed_flops(tmp_path):
     assert cost.floor_seconds(1.0, 1e-6, element_bytes=2) == pytest.approx(cost.min_bytes / 2 / 1e3)
 
 
+def test_cost_counts_graphs_whose_weights_are_all_external(tmp_path, monkeypatch):
+    """Graphs over 2 GB keep every tensor above 1 KB in a .data file, small ones included;
+    counting must not need that file (nor the working directory to be its folder)."""
+    import onnx
+
+    from srexport.export.cost import count_graph
+
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(_Tiny().eval(), (torch.rand(1, 3, 16, 12),), str(path), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {2: "h", 3: "w"}}, opset_version=17, dynamo=False)
+    model = onnx.load(str(path))
+    external = tmp_path / "external" / "tiny.onnx"
+    external.parent.mkdir()
+    onnx.save_model(model, str(external), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="tiny.onnx.data", size_threshold=0)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL and len(t.dims) and t.dims[0] < 4096
+               for t in onnx.load(str(external), load_external_data=False).graph.initializer)
+    monkeypatch.chdir(tmp_path)
+    assert count_graph(external, {"x": (1, 3, 16, 12)}).flops == _tiny_flops(16, 12)
+
+
 def test_cost_matches_torch_flop_counter_on_the_demo_graphs(demo_artifact, demo_reference, one_torch_thread):
     """The ONNX count equals torch's FlopCounterMode on the modules the graphs came from
     (attention on the math path, so its matmuls are counted too)."""

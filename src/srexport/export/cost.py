@@ -107,8 +107,8 @@ def _elem_bytes(elem_type: int) -> int:
 
 
 def _prepare(model, input_shapes: dict[str, tuple[int, ...]]):
-    """Concrete input dims, no stale value_info, large initializers turned into inputs."""
-    from onnx import helper
+    """Concrete input dims, no stale value_info, large or external initializers turned into inputs."""
+    from onnx import TensorProto, helper
 
     graph = model.graph
     names = {i.name for i in graph.input}
@@ -135,7 +135,10 @@ def _prepare(model, input_shapes: dict[str, tuple[int, ...]]):
     for init in graph.initializer:
         n = int(np.prod(init.dims)) if len(init.dims) else 1
         weights[init.name] = (tuple(init.dims), _elem_bytes(init.data_type))
-        if n >= _LARGE_INITIALIZER:
+        # Externally stored tensors (graphs over 2 GB keep even small ones outside) become
+        # inputs too: shape inference needs only their dims, and cannot read the data file.
+        external = init.data_location == TensorProto.EXTERNAL
+        if n >= _LARGE_INITIALIZER or external:
             graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         else:
             keep.append(init)
