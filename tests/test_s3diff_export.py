@@ -27,6 +27,11 @@ def s3diff_artifact(tmp_path_factory, s3diff_source):
     return art, reference_for(art)
 
 
+class _Silent:
+    def note(self, message):
+        pass
+
+
 def _reference(source, **kwargs):
     from srexport.models.s3diff.reference import S3DiffReference
 
@@ -134,6 +139,42 @@ def test_manifest_records_s3diff_facts(s3diff_artifact):
     assert m["model"]["lora"]["unet"]["layers"] == 257 and m["model"]["lora"]["vae"]["layers"] == 31
     assert m["processing"]["upscale_filter"] == "bilinear" and m["processing"]["size_multiple"] == 64
     assert m["checks"]["end_to_end"]["psnr_db"] >= 50
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precision_graphs_pass_the_tensorrt_parser_check(s3diff_artifact, tmp_path, precision):
+    """The S3Diff graphs the recipe converts (estimator, scores-modulated encoder and UNet,
+    decoder) stay inside what TensorRT 10 and 11 parse, with TensorRT's Q/DQ rules in int8."""
+    import shutil
+
+    import onnx
+
+    from srexport.calibration.capture import CalibrationSettings, builtin_photos_available
+    from srexport.calibration.int8 import qdq_summary
+    from srexport.calibration.precision import PrecisionOptions, convert_graphs
+    from srexport.export.artifact import read_manifest
+    from srexport.export.engines import parser_check
+
+    if not builtin_photos_available():
+        pytest.skip("needs scikit-image's photos (dev extra)")
+    art, reference = s3diff_artifact
+    folder = tmp_path / f"s3diff-{precision}"
+    shutil.copytree(art.folder, folder)
+    manifest = read_manifest(folder)
+    options = PrecisionOptions(precision, CalibrationSettings(size=2, lr_tile=32)).validate()
+    record = convert_graphs(folder, manifest, reference, options, _Silent())
+    assert set(record["components"]) == {"degradation", "vae_encoder", "unet", "vae_decoder"}
+    results = parser_check(folder, manifest)
+    assert results == {name: {"10": [], "11": []} for name in manifest["components"]}, results
+    for name, component in manifest["components"].items():
+        model = onnx.load(str(folder / manifest["files"][component["files"]["onnx"]]["path"]))
+        ops = {n.op_type for n in model.graph.node}
+        if precision == "int8" and name != "degradation":  # the estimator stays fp16 in int8 builds
+            summary = qdq_summary(model)
+            assert summary["problems"] == [] and sum(summary["quantized_layers"].values()) > 0, name
+        else:
+            assert "QuantizeLinear" not in ops, name
+            assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer), name
 
 
 # --- bad input: one line, exit 2, nothing written ------------------------------------------------
