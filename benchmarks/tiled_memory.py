@@ -134,7 +134,8 @@ def main() -> None:
     tiled = [r for r in runs if r["tiled"]]
     summary = {}
     if len(tiled) >= 2:
-        small, large = min(tiled, key=lambda r: r["output_megapixels"]), max(tiled, key=lambda r: r["output_megapixels"])
+        by_size = sorted(tiled, key=lambda r: r["output_megapixels"])
+        small, large = by_size[0], by_size[-1]
         summary = {
             "peak_rss_ratio": round(large["peak_rss_mib"] / small["peak_rss_mib"], 3),
             "output_pixel_ratio": round(large["output_megapixels"] / small["output_megapixels"], 2),

@@ -13,7 +13,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from srexport.errors import UserError
-from srexport.export.specs import ComponentSpec, Geometry, degradation_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+from srexport.export.specs import (
+    ComponentSpec,
+    Geometry,
+    degradation_spec,
+    unet_spec,
+    vae_decoder_spec,
+    vae_encoder_spec,
+)
 from srexport.kernels.tiling import blend_tiles, extract_tiles, gaussian_weights
 from srexport.parity import compare
 from srexport.processing import Processing, postprocess, preprocess
@@ -102,6 +109,12 @@ def test_tile_feeds_repeat_per_image_inputs_only():
 
 
 def test_settings_validate_and_round_trip():
+    from srexport.export.specs import VAE_FACTOR
+    from srexport.kernels.tiling import GAUSSIAN_VARIANCE
+    from srexport.runtime import tile_settings
+
+    # the torch-free settings module restates two constants: they must agree
+    assert (tile_settings.VAE_FACTOR, tile_settings.GAUSSIAN_VARIANCE) == (VAE_FACTOR, GAUSSIAN_VARIANCE)
     s = TilingSettings()
     assert (s.tile, s.overlap, s.batch, s.vae_tile, s.vae_batch) == (512, 128, 4, 1024, 1)
     section = tiling_section(s)

@@ -235,7 +235,8 @@ def tile_feeds(spec: ComponentSpec, tiled_input: str, tiles: torch.Tensor, env: 
         if "batch" in tensor.dims:
             axis = tensor.dims.index("batch")
             if value.shape[axis] != 1:
-                raise ValueError(f"{spec.name}: per-image input {tensor.name} has batch {value.shape[axis]}, expected 1")
+                raise ValueError(f"{spec.name}: per-image input {tensor.name} has batch {value.shape[axis]}, "
+                                 "expected 1")
             shape = list(value.shape)
             shape[axis] = n
             value = value.expand(*shape).contiguous()  # tiny; some runners want dense buffers
