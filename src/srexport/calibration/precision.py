@@ -377,9 +377,10 @@ def measure_artifact_folder(folder: Path, manifest: dict, reference, options: Pr
     bounds = manifest["checks"]["bounds"]
     problems = bound_failures(result, bounds)
     if problems and enforce:
+        fix = ("build --precision fp16 or fp32 instead, or calibrate on more photos with --calib DIR "
+               "--calib-size N" if options.precision == "int8" else "build --precision fp32 instead")
         raise QualityError(f"{options.precision} graphs miss their bounds against the fp32 reference: "
-                           + "; ".join(problems[:4]) + "; nothing was written (build --precision fp16 or fp32 "
-                           "instead, or calibrate on more photos with --calib DIR --calib-size N)")
+                           + "; ".join(problems[:4]) + f"; nothing was written ({fix})")
     return {"against": "fp32 PyTorch reference", "inputs": [n for n, _ in images],
             "ways": {"onnxruntime_cpu": "onnxruntime CPU on the artifact's graphs (fp16 regions run in fp32)",
                      "fp16_rounding": "the graphs' fp32 twins rounding every fp16 tensor (GPU-like fp16)"},
