@@ -10,7 +10,8 @@ def _dims(tensor: dict) -> str:
 def describe_manifest(artifact) -> str:
     m = artifact.manifest
     model = m["model"]
-    lines = [f"artifact   {artifact.folder}", f"model      {model['kind']}" + ("  (DEMO: untrained weights)" if model.get("demo") else "")]
+    lines = [f"artifact   {artifact.folder}", f"model      {model['kind']}" + (f"  (DEMO: {model.get('source', {}).get('demo_weights', 'random')} weights)"
+                                                                         if model.get("demo") else "")]
     lines.append("settings   " + ", ".join(f"{k}={v}" for k, v in model["settings"].items()))
     if "lora" in model:
         lines.append("lora       " + ", ".join(f"{k}={v}" for k, v in model["lora"].items()))

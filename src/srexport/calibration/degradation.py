@@ -19,8 +19,8 @@ gives all of this as JSON-ready data, to be written next to any number measured
 on degraded images.
 
 The default ranges are those of Real-ESRGAN's first degradation stage (blur
-sigma 0.2-3, Gaussian noise sigma 1-30/255 (here up to 25/255), JPEG quality
-30-95), the family of degradations PiSA-SR is trained on; one stage, not two.
+sigma 0.2-3, Gaussian noise sigma 1-30/255, JPEG quality 30-95), the family of
+degradations PiSA-SR is trained on; one stage, not Real-ESRGAN's two.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class DegradationParams:
 class Degradation:
     scale: int = 4
     blur_sigma: tuple[float, float] = (0.2, 3.0)
-    noise_sigma: tuple[float, float] = (1.0 / 255.0, 25.0 / 255.0)
+    noise_sigma: tuple[float, float] = (1.0 / 255.0, 30.0 / 255.0)
     jpeg_quality: tuple[int, int] = (30, 95)
 
     def describe(self) -> dict:

@@ -9,6 +9,7 @@ from .. import __version__
 from ..models.configs import VAE_SCALING_FACTOR
 from ..models.pisa_reference import PISA_TIMESTEP, PisaReference
 from ..parity import compare
+from ..models.sources import demo_description
 from ..samples import SAMPLE_NAME, sample_image
 from .build import Progress, Recipe
 from .specs import ComponentSpec, unet_spec, vae_decoder_spec, vae_encoder_spec
@@ -59,8 +60,7 @@ def prepare_pisa(source, loaded, settings, progress: Progress) -> Recipe:
 
 
 def pisa_manifest(source, settings, reference, ranks: dict) -> dict:
-    demo_note = (" Built-in demo: tiny SD 2.1-structured model with seeded, untrained weights;"
-                 " its output is not a meaningful super-resolution.") if source.demo else ""
+    demo_note = f" Built-in demo: {demo_description(source)}." if source.demo else ""
     return {
         "description": (
             f"PiSA-SR x{settings.scale} ({settings.guidance} guidance, lambda_pix={settings.lambda_pix}, "

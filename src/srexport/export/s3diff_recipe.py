@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from .. import __version__
 from ..errors import UserError
 from ..models.configs import VAE_SCALING_FACTOR
+from ..models.sources import demo_description
 from ..samples import sample_image
 from .build import Progress, Recipe
 from .specs import ComponentSpec, degradation_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
@@ -78,8 +79,7 @@ def prepare_s3diff(source, loaded, settings: S3DiffSettings, progress: Progress)
                                 color_fix=settings.color_fix)
     sample_output = reference(sample_image())
     schedule = reference.schedule
-    demo_note = (" Built-in demo: tiny SD 2.1-structured model with seeded, untrained weights;"
-                 " its output is not a meaningful super-resolution.") if source.demo else ""
+    demo_note = f" Built-in demo: {demo_description(source)}." if source.demo else ""
     manifest = {
         "description": (
             f"S3Diff x4 ({'dynamic degradation: scores from the degradation graph' if settings.dynamic else 'fixed degradation %s' % (settings.degradation,)}, "

@@ -28,6 +28,17 @@ DEMO_SEED = 0  # the trained demo's training seed; the random demo's weight seed
 TRAINED_DEMO_ASSET = "demo_pisa"  # srexport/assets/<this>: base/ (diffusers, fp16) + pisa_sr.pkl
 
 
+def demo_description(source) -> str:
+    """One sentence on what a demo source's weights are (empty for user files)."""
+    if not source.demo:
+        return ""
+    if getattr(source, "trained", False):
+        return ("a tiny PiSA-SR with SD 2.1's block structure, trained for minutes on a CPU (tools/train_demo.py): "
+                "it denoises and sharpens a little, far from the real model's quality")
+    return ("a tiny model with SD 2.1's block structure and seeded, untrained weights: its output is not a real "
+            "super-resolution")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("SREXPORT_CACHE", Path.home() / ".cache" / "srexport"))
 
@@ -60,7 +71,7 @@ class PisaSource:
         return base, ckpt
 
 
-def demo_pisa_source(seed: int = DEMO_SEED, trained: bool = False) -> PisaSource:
+def demo_pisa_source(seed: int = DEMO_SEED, trained: bool = True) -> PisaSource:
     """The built-in demo's diffusers folder and pisa_sr.pkl, written (once) into the cache.
 
     ``trained=True`` (the default): the shipped trained demo, upcast to fp32; its
@@ -75,21 +86,8 @@ def demo_pisa_source(seed: int = DEMO_SEED, trained: bool = False) -> PisaSource
     else:
         folder = cache_dir() / f"demo-pisa-sr-seed{seed}"
         writer = lambda tmp: _write_random_demo(tmp, seed)  # noqa: E731
+    _materialise(folder, writer)
     base_dir, ckpt_path = folder / "base", folder / "pisa_sr.pkl"
-    if not (folder / "complete").is_file():
-        import shutil
-        import tempfile
-
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
-        try:
-            writer(tmp)
-            (tmp / "complete").write_text("ok\n")
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return PisaSource(base_dir, ckpt_path, demo=True, seed=seed if not trained else DEMO_SEED, trained=trained)
 
 
@@ -103,9 +101,8 @@ def trained_demo_source_from(shipped: str | Path, cache: str | Path) -> PisaSour
     """A trained demo in the shipped layout (e.g. fresh from tools/train_demo.py),
     materialised into ``cache`` the same way as the built-in one."""
     folder = Path(cache) / "demo"
-    if not (folder / "complete").is_file():
-        _write_trained_demo(folder, _trained_demo_files(Path(shipped)))
-        (folder / "complete").write_text("ok\n")
+    files = _trained_demo_files(Path(shipped))
+    _materialise(folder, lambda tmp: _write_trained_demo(tmp, files))
     return PisaSource(folder / "base", folder / "pisa_sr.pkl", demo=True, seed=DEMO_SEED, trained=True)
 
 
