@@ -78,7 +78,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=None, help="default: 3 on CPU, 50 on a GPU")
     ap.add_argument("--warmup", type=int, default=None, help="default: 1 on CPU, 5 on a GPU")
     ap.add_argument("--inputs", type=int, default=None, help="default: 2 on CPU, 3 on a GPU")
+    ap.add_argument("--precision", default=None,
+                    help="graphs to build: default fp32 on CPU (onnxruntime CPU has no fp16 Conv/MatMul kernels, "
+                         "and the torch baseline is fp32 there), fp16 on a GPU")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the artifact even if it exists")
+    ap.add_argument("--build-only", action="store_true",
+                    help="write the sources and build the artifact, then stop (bench later on a quiet machine)")
     args = ap.parse_args()
 
     import torch
@@ -89,17 +94,20 @@ def main() -> None:
     iters = args.iters or (50 if gpu else 3)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     inputs = args.inputs or (3 if gpu else 2)
+    precision = args.precision or ("fp16" if gpu else "fp32")
 
     args.scratch.mkdir(parents=True, exist_ok=True)
     sources = (pisa_sources if args.model == "pisa-sr" else s3diff_sources)(args.scratch)
-    artifact = args.scratch / f"artifact-{args.model}"
+    artifact = args.scratch / f"artifact-{args.model}-{precision}"
     if args.rebuild or not (artifact / "manifest.json").is_file():
         t = time.perf_counter()
-        cmd = [sys.executable, "-m", "srexport.cli", "build", *sources, "--scale", "4", "--out", str(artifact),
-               "--force"]
+        cmd = [sys.executable, "-m", "srexport.cli", "build", *sources, "--scale", "4", "--precision", precision,
+               "--out", str(artifact), "--force"]
         if subprocess.run(cmd).returncode:
             raise SystemExit("build failed")
         print(f"built {artifact} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    if args.build_only:
+        return
 
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"bench_full_size_{args.model}_{device_tag(args.device)}"

@@ -92,6 +92,8 @@ from .runtime.timing import DeviceMemoryProbe, HostMemoryProbe, make_timer, summ
 SCHEMA = "srexport.bench"
 SCHEMA_VERSION = 1
 # End-to-end PSNR bounds against the fp32 reference, per precision (dB, output in [0,1]).
+# Looser than the build's (calibration.precision.BOUNDS): they also judge the PyTorch fp16
+# eager baseline, which keeps no normalisation in fp32. They catch a broken backend.
 DEFAULT_MIN_PSNR = {"fp32": 50.0, "fp16": 30.0, "bf16": 28.0, "int8": 25.0}
 # Which stage a component's time and FLOPs belong to.
 COMPONENT_STAGE = {"degradation": "degradation", "vae_encoder": "encode", "vae_decoder": "decode"}
