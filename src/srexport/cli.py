@@ -40,8 +40,8 @@ def _build_parser() -> argparse.ArgumentParser:
             "manifest.json with specs, constants, checks and sha256 of every file. Every graph is checked against "
             "its PyTorch module and the whole ONNX pipeline against the PyTorch reference before the folder is "
             "written (atomically). With no --base/--checkpoint the built-in demo is built: for pisa-sr a tiny "
-            "model with SD 2.1's block structure trained for minutes on a CPU (it sharpens a little; numbers "
-            "on it mean something), for s3diff the same structure with seeded, untrained weights. The VAE encoder returns the latent posterior "
+            "model with SD 2.1's block structure trained for minutes on a CPU (about as good as bicubic, but "
+            "error numbers on it mean something), for s3diff the same structure with seeded, untrained weights. The VAE encoder returns the latent posterior "
             "mean; upstream samples from the posterior."),
     )
     b.add_argument("--model", choices=["pisa-sr", "s3diff"], default="pisa-sr",

@@ -34,7 +34,7 @@ def demo_description(source) -> str:
         return ""
     if getattr(source, "trained", False):
         return ("a tiny PiSA-SR with SD 2.1's block structure, trained for minutes on a CPU (tools/train_demo.py): "
-                "it denoises and sharpens a little, far from the real model's quality")
+                "about as good as bicubic (see the README), far from the real model's quality")
     return ("a tiny model with SD 2.1's block structure and seeded, untrained weights: its output is not a real "
             "super-resolution")
 
