@@ -101,8 +101,7 @@ def trained_demo_source_from(shipped: str | Path, cache: str | Path) -> PisaSour
     """A trained demo in the shipped layout (e.g. fresh from tools/train_demo.py),
     materialised into ``cache`` the same way as the built-in one."""
     folder = Path(cache) / "demo"
-    files = _trained_demo_files(Path(shipped))
-    _materialise(folder, lambda tmp: _write_trained_demo(tmp, files))
+    _materialise(folder, lambda tmp: _write_trained_demo(tmp, _trained_demo_files(Path(shipped))))
     return PisaSource(folder / "base", folder / "pisa_sr.pkl", demo=True, seed=DEMO_SEED, trained=True)
 
 
