@@ -85,6 +85,7 @@ import torch
 
 from . import __version__
 from .errors import UserError
+from .models.group_norm_stats import graph_modules
 from .parity import compare
 from .runtime.pipeline import STAGES, SRPipeline
 from .runtime.timing import DeviceMemoryProbe, HostMemoryProbe, make_timer, summarize
@@ -96,7 +97,9 @@ SCHEMA_VERSION = 1
 # eager baseline, which keeps no normalisation in fp32. They catch a broken backend.
 DEFAULT_MIN_PSNR = {"fp32": 50.0, "fp16": 30.0, "bf16": 28.0, "int8": 25.0}
 # Which stage a component's time and FLOPs belong to.
-COMPONENT_STAGE = {"degradation": "degradation", "vae_encoder": "encode", "vae_decoder": "decode"}
+COMPONENT_STAGE = {"degradation": "degradation", "vae_encoder": "encode", "vae_decoder": "decode",
+                   "vae_encoder_stats": "encode", "vae_encoder_pooled": "encode",
+                   "vae_decoder_stats": "decode", "vae_decoder_pooled": "decode"}
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 
@@ -233,7 +236,7 @@ class _CastingTorchRunner:
 
 def _torch_pipeline(artifact, reference, device: str, precision: str, compiled: bool) -> SRPipeline:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    modules = reference.components()
+    modules = graph_modules(reference)
     runners = {}
     for name, spec in artifact.components.items():
         module = modules[name]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .models.group_norm_stats import add_whole_image_stats, comparable, graph_modules
 from .parity import Parity, compare, ssim
 from .processing import postprocess
 from .runtime.pipeline import SRPipeline
@@ -54,7 +55,8 @@ class ImageReport:
 
 def check_image(pipeline: SRPipeline, reference, lr: torch.Tensor, name: str) -> ImageReport:
     env, prepared = reference.stage_tensors(lr)
-    modules = reference.components()
+    modules = graph_modules(reference)
+    add_whole_image_stats(env, modules, {c: r.spec for c, r in pipeline.runners.items()})
     components = {}
     plan = pipeline.denoise_plan  # UNet graphs whose outputs it combines are not in env: run their modules
     combined = {t["component"] for t in plan["terms"]} if (
@@ -68,7 +70,7 @@ def check_image(pipeline: SRPipeline, reference, lr: torch.Tensor, name: str) ->
         actual = runner(feeds)
         worst = None
         for out_name, value in expected.items():
-            p = compare(actual[out_name], value, peak_to_peak=_PEAK_TO_PEAK.get(out_name))
+            p = compare(*comparable(out_name, actual[out_name], value), peak_to_peak=_PEAK_TO_PEAK.get(out_name))
             worst = p if worst is None or p.max_abs > worst.max_abs else worst
         components[component] = worst
     expected_out = postprocess(env["decoded"], prepared, reference.processing)

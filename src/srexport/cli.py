@@ -110,6 +110,9 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--untiled-max-mp", type=float, default=None, metavar="MP",
                    help="largest whole-image run, in output megapixels, for --no-tile (default: the artifact's, "
                         "set at build; 2.1 MP unless changed there)")
+    r.add_argument("--vae-norm", choices=["per-tile", "two-pass"], default=None,
+                   help="GroupNorm statistics of tiled VAE runs (default: the artifact's, set at build). two-pass "
+                        "needs an artifact built with --vae-norm two-pass; per-tile runs on any artifact")
 
     c = sub.add_parser("check", help="parity of an artifact against the PyTorch reference (per component, end to end)")
     c.add_argument("artifact", type=Path)
@@ -234,6 +237,11 @@ def _add_tiling_options(p: argparse.ArgumentParser) -> None:
                         "1024 encoder, 1792 decoder)")
     g.add_argument("--vae-tile-overlap", type=int, default=ts.DEFAULT_VAE_OVERLAP, metavar="PX",
                    help=f"overlap of neighbouring VAE tiles (default: {ts.DEFAULT_VAE_OVERLAP})")
+    g.add_argument("--vae-norm", choices=list(ts.VAE_NORMS), default=ts.DEFAULT_VAE_NORM,
+                   help="GroupNorm statistics of tiled VAE runs. per-tile: " + ts.VAE_NORMS["per-tile"]
+                        + ". two-pass: " + ts.VAE_NORMS["two-pass"] + "; adds the graphs vae_encoder_stats, "
+                        "vae_encoder_pooled, vae_decoder_stats and vae_decoder_pooled. " + ts.VAE_NORM_REASONING
+                        + f" (default: {ts.DEFAULT_VAE_NORM})")
     g.add_argument("--tile-pad", action="store_true",
                    help="reflect-pad sides shorter than a tile up to it, so every call has exactly the tile shape "
                         "(static-shape engines); by default such sides run at their own length, which is exact")
@@ -247,7 +255,7 @@ def _tiling_settings(args):
     from .runtime.tile_settings import TilingSettings
 
     return TilingSettings(args.tile, args.tile_overlap, args.tile_batch, args.vae_tile, args.vae_tile_overlap,
-                          args.tile_pad, args.untiled_max_mp).validate()
+                          args.tile_pad, args.untiled_max_mp, args.vae_norm).validate()
 
 
 def _engine_options(args, tile_batch: int | None = None):
@@ -411,6 +419,8 @@ def _configure_tiling(pipeline, args) -> None:
         pipeline.untiled_max_megapixels = args.untiled_max_mp
     if args.no_tile:
         pipeline.tiled = False
+    if args.vae_norm is not None:
+        pipeline.use_vae_norm(args.vae_norm)
 
 
 def _tile_progress(pipeline, lr, quiet: bool = False):

@@ -27,21 +27,23 @@ def describe_manifest(artifact) -> str:
         vae = t["vae"]["decoder"]
         lines.append(f"tiling     denoiser {t['tile']} px tiles, overlap {t['overlap']} (latent {t['latent_tile']}/"
                      f"{t['latent_overlap']}), batch {t['batch']}; VAE {vae['tile']} px tiles, overlap "
-                     f"{vae['overlap']}, batch {vae['batch']}; Gaussian blend (variance {t['blend']['variance']}); "
+                     f"{vae['overlap']}, batch {vae['batch']}, GroupNorm statistics "
+                     f"{t['vae'].get('norm', 'per-tile')}; Gaussian blend (variance {t['blend']['variance']}); "
                      f"short sides {t['short_sides']}; whole-image runs up to {t['untiled_max_megapixels']:g} MP")
     lines.append("components")
+    width = max(12, *(len(n) for n in m["components"]))
     for name, comp in m["components"].items():
         spec = comp["spec"]
         ins = ", ".join(_dims(t) for t in spec["inputs"])
         outs = ", ".join(_dims(t) for t in spec["outputs"])
-        lines.append(f"  {name:<12} {ins} -> {outs}")
+        lines.append(f"  {name:<{width}} {ins} -> {outs}")
         if spec.get("description"):
-            lines.append(f"  {'':<12} {spec['description']}")
+            lines.append(f"  {'':<{width}} {spec['description']}")
         if "engine" in comp:  # export/engines.py
             en = comp["engine"]
             cc = ".".join(str(v) for v in en["compute_capability"])
             shapes = "; ".join(f"{k} {v['min']}..{v['max']}" for k, v in en["profiles"].items())
-            lines.append(f"  {'':<12} TensorRT {en['tensorrt_version']} engine for {en['device_name']} (sm {cc}, "
+            lines.append(f"  {'':<{width}} TensorRT {en['tensorrt_version']} engine for {en['device_name']} (sm {cc}, "
                          f"hardware compat {en['hardware_compatibility_level']}"
                          f"{', version-compatible' if en.get('version_compatible') else ''}), {shapes}")
     lines.append("files")
@@ -51,7 +53,7 @@ def describe_manifest(artifact) -> str:
     if checks:
         lines.append("checks (at build)")
         for name, c in checks.get("components", {}).items():
-            lines.append(f"  {name:<14} max_abs {c['max_abs']:.2e}  PSNR {c['psnr_db']} dB")
+            lines.append(f"  {name:<{max(14, width)}} max_abs {c['max_abs']:.2e}  PSNR {c['psnr_db']} dB")
         parser = checks.get("tensorrt_parser")  # export/engines.py parser_check
         if parser:
             bad = {f"{c} (TensorRT {v})": len(p) for c, by in parser.items() for v, p in by.items() if p}

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..models.group_norm_stats import add_whole_image_stats, graph_modules
 from .degradation import Degradation
 
 DEFAULT_CALIB = "builtin"
@@ -127,8 +128,10 @@ def capture_inputs(reference, specs: dict, tiles: torch.Tensor, progress=None) -
     wanted = {name: spec.input_names for name, spec in specs.items()}
     out: dict[str, dict[str, list]] = {name: {i: [] for i in inputs} for name, inputs in wanted.items()}
     step = max(1, math.ceil(len(tiles) / 4))
+    modules = graph_modules(reference)
     for k in range(len(tiles)):
         env, _ = reference.stage_tensors(tiles[k:k + 1])
+        add_whole_image_stats(env, modules, specs)  # two-pass VAE graphs: one tile is its own pool
         for component, inputs in wanted.items():
             for name in inputs:
                 if name not in env:

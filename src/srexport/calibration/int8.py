@@ -125,9 +125,11 @@ def _large_file(path: Path) -> bool:
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, ranges_json: Path, exclude: Iterable[str] = (),
-                  method: str = "minmax", fp16: bool = True, large: bool = False) -> onnx.ModelProto:
+                  method: str = "minmax", fp16: bool = True, large: bool = False,
+                  keep_fp32: Iterable[str] = ()) -> onnx.ModelProto:
     """Quantize ``fp32_path`` with the activation ranges in ``ranges_json`` (``activation_ranges``);
-    returns the int8 (+ fp16) model. ``out_path``'s folder holds the temporary files."""
+    returns the int8 (+ fp16) model, the nodes named in ``keep_fp32`` staying fp32 as well as
+    fp16.FP32_OPS. ``out_path``'s folder holds the temporary files."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as _quantize_static
 
@@ -154,7 +156,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, ranges_json: Path, exclude: I
         from .fp16 import convert_to_fp16
 
         model = raise_opset(model, QDQ_OPSET)
-        model = convert_to_fp16(model, large=large)
+        model = convert_to_fp16(model, list(keep_fp32), large=large)
     return model
 
 

@@ -32,6 +32,8 @@ import onnx
 import torch
 
 from ..errors import QualityError, UserError
+from ..models.group_norm_stats import (TWO_PASS_COMPONENTS, add_whole_image_stats, comparable, graph_modules,
+                                       statistics_nodes)
 from .capture import CalibrationSettings, builtin_photos_available
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -174,6 +176,7 @@ def convert_graphs(folder: Path, manifest: dict, reference, options: PrecisionOp
         from ..samples import SAMPLE_NAME, sample_image
 
         env, _ = reference.stage_tensors(sample_image())
+        add_whole_image_stats(env, graph_modules(reference), specs)
         inputs = {c: {n: env[n].float().numpy() for n in spec.input_names} for c, spec in specs.items()}
         calibration = {"source": SAMPLE_NAME + " only (scikit-image not installed: no built-in photos)", "size": 1}
         progress.note("calibration: scikit-image is not installed, so fp16's activation scan uses the sample "
@@ -192,9 +195,12 @@ def convert_graphs(folder: Path, manifest: dict, reference, options: PrecisionOp
                 peak = max(peaks.values(), default=0.0)
                 model = onnx.load(str(fp32_path), load_external_data=True)
                 keep = overflow_nodes(model, peaks)
-                model = convert_to_fp16(model, keep, large=large)
+                statistics = statistics_nodes(model) if name in TWO_PASS_COMPONENTS else []
+                model = convert_to_fp16(model, sorted(set(keep) | set(statistics)), large=large)
                 details[name] = {"kept_fp32_nodes": keep, "fp32_ops": fp32_nodes(model),
                                  "fp32_activation_peak": round(peak, 3)}
+                if statistics:
+                    details[name]["groupnorm_statistics_fp32_nodes"] = len(statistics)
                 if precision == "int8":
                     details[name]["precision"] = "fp16 (" + INT8_AS_FP16[name] + ")"
                 note = (f"largest fp32 activation {peak:.3g}; kept fp32: {sum(details[name]['fp32_ops'].values())} "
@@ -206,8 +212,10 @@ def convert_graphs(folder: Path, manifest: dict, reference, options: PrecisionOp
                 del model
                 cache = _range_cache(calibration, fp32_path, f"int8-{options.method}") or work / "ranges.json"
                 activation_ranges(fp32_path, inputs[name], work, method=options.method, cache=cache)
+                keep = statistics_nodes(onnx.load(str(fp32_path), load_external_data=False)) if (
+                    name in TWO_PASS_COMPONENTS) else []
                 model = quantize_int8(fp32_path, folder / f"{name}.onnx", cache, exclude=list(excluded),
-                                      method=options.method, large=large)
+                                      method=options.method, large=large, keep_fp32=keep)
                 summary = qdq_summary(model)
                 if summary["problems"]:
                     raise RuntimeError(f"int8 graph {name} breaks TensorRT's Q/DQ rules: {summary['problems'][:3]}")
@@ -289,12 +297,13 @@ def measure(pipelines: dict, reference, images: list[tuple[str, torch.Tensor]]) 
     from ..processing import postprocess
     from ..runtime.runners import TorchRunner
 
-    modules = reference.components()
+    modules = graph_modules(reference)
     per_image: dict[str, list] = {way: [] for way in pipelines}
     for name, lr in images:
         env, prepared = reference.stage_tensors(lr)
         expected_out = postprocess(env["decoded"], prepared, reference.processing)
         specs = next(iter(pipelines.values())).runners
+        add_whole_image_stats(env, modules, {c: r.spec for c, r in specs.items()})
         feeds = {c: {n: env[n] for n in r.spec.input_names} for c, r in specs.items()}
         # a component's output is the reference's own tensor of that name, except for UNet graphs
         # whose outputs the denoise plan combines (exact guidance): those run their module
@@ -310,7 +319,8 @@ def measure(pipelines: dict, reference, images: list[tuple[str, torch.Tensor]]) 
                 actual = runner(feeds[c])
                 worst = None
                 for out_name, value in expected[c].items():
-                    p = compare(actual[out_name], value, peak_to_peak=_PEAK_TO_PEAK.get(out_name))
+                    p = compare(*comparable(out_name, actual[out_name], value),
+                                peak_to_peak=_PEAK_TO_PEAK.get(out_name))
                     worst = p if worst is None or p.rel_l2 > worst.rel_l2 else worst
                 components[c] = worst
             out = pipeline(lr)

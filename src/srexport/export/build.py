@@ -68,6 +68,7 @@ def versions() -> dict[str, str]:
 
 def check_components(modules: dict, specs: dict[str, ComponentSpec], folder: Path, progress: Progress) -> dict:
     """Each ONNX graph against its PyTorch module, at every check geometry."""
+    from ..models.group_norm_stats import comparable
     from ..runtime.runners import OnnxRuntimeRunner, TorchRunner
 
     results = {}
@@ -78,7 +79,7 @@ def check_components(modules: dict, specs: dict[str, ComponentSpec], folder: Pat
         for i, geometry in enumerate(CHECK_GEOMETRIES):
             feeds = spec.sample_inputs(geometry, seed=100 + i)
             for out_name, expected in torch_runner(feeds).items():
-                p = compare(onnx_runner(feeds)[out_name], expected)
+                p = compare(*comparable(out_name, onnx_runner(feeds)[out_name], expected))
                 if worst is None or p.rel_l2 > worst.rel_l2:
                     worst = p
         results[name] = dict(worst.to_dict(), shapes=[dataclasses.asdict(g) for g in CHECK_GEOMETRIES])
@@ -113,11 +114,16 @@ def write_artifact(recipe: Recipe, out: Path, force: bool, progress: Progress, p
     from ..runtime.pipeline import SRPipeline
     from ..runtime.runners import ort_runners
 
-    modules = recipe.reference.components()
+    from ..models.group_norm_stats import graph_modules, two_pass_specs
+
+    modules = graph_modules(recipe.reference)
+    specs = dict(recipe.specs)
+    if tiling is not None and tiling.vae_norm == "two-pass":  # the VAE's two-pass graphs besides the plain ones
+        specs.update(two_pass_specs(specs, modules))
     with atomic_folder(out, force) as tmp:
-        progress(f"exporting {len(recipe.specs)} graphs to ONNX (opset {OPSET})")
+        progress(f"exporting {len(specs)} graphs to ONNX (opset {OPSET})")
         files, components = {}, {}
-        for name, spec in recipe.specs.items():
+        for name, spec in specs.items():
             t = time.perf_counter()
             written = export_onnx(modules[name], spec, tmp / f"{name}.onnx", TRACE_GEOMETRY)
             for path in written:
@@ -134,7 +140,7 @@ def write_artifact(recipe: Recipe, out: Path, force: bool, progress: Progress, p
                                "precision": "fp32", "io_dtype": "float32"},
                     "versions": versions()}
         manifest["tiling"] = tiling_section(tiling)  # runtime/tile_settings.py: geometry + reasoning
-        manifest["checks"] = {"components": check_components(modules, recipe.specs, tmp, progress), **recipe.checks}
+        manifest["checks"] = {"components": check_components(modules, specs, tmp, progress), **recipe.checks}
 
         progress("checking the whole ONNX pipeline against the PyTorch reference")
         pipeline = SRPipeline(manifest, ort_runners(_Unverified(tmp, manifest)), tiled=False)  # as the reference

@@ -8,7 +8,10 @@ origins, tile shape) is shared with the runtime; it is tested on its own.
 
 So ``srexport check`` compares a backend's tiled run with this (they should
 agree to float rounding) and, separately, this with the untiled reference
-(what tiling itself changes).
+(what tiling itself changes). With two-pass VAE GroupNorm (the artifact's
+``tiling.vae.norm``), every tile's statistics are recorded, pooled over the
+image as whole tensors (``pool_stats``; the runtime streams them) and the
+tiles run again with the pool.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from ..export.specs import VAE_FACTOR
 from ..kernels.tiling import blend_tiles, extract_tiles, gaussian_weights
+from .group_norm_stats import normalising_with, pool_stats, recording
 from ..processing import postprocess
 from ..runtime.tiling import StageTiling, TilingSettings
 
@@ -61,11 +65,35 @@ class TiledReference:
             return lambda tile: fn(tile, *(e.expand(tile.shape[0], *e.shape[1:]) for e in extra))
 
         stages = self.settings.stages()
-        env["latent"] = tiled_apply(per_tile(ref.encode), env["image"], stages["encode"])
+        modules = ref.components()
+        env["latent"] = self._vae(per_tile(ref.encode), modules["vae_encoder"], env["image"], stages["encode"])
         env["denoised"] = tiled_apply(per_tile(ref.denoise), env["latent"], stages["denoise"])
-        env["decoded"] = tiled_apply(ref.decode, env["denoised"], stages["decode"])
+        env["decoded"] = self._vae(ref.decode, modules["vae_decoder"], env["denoised"], stages["decode"])
         assert env["decoded"].shape[-2:] == (height, width) and height % VAE_FACTOR == 0
         return env, prepared
+
+    def _vae(self, fn, module: torch.nn.Module, x: torch.Tensor, stage: StageTiling) -> torch.Tensor:
+        """``fn`` (a VAE half, whose GroupNorms are ``module``'s) tiled; with two-pass GroupNorm,
+        first every tile's statistics, pooled over all of them, then every tile normalised with
+        the pool (models/group_norm_stats.py)."""
+        if self.settings.vae_norm != "two-pass" or stage.grid(*x.shape[-2:]).count == 1:
+            return tiled_apply(fn, x, stage)
+        recorded = []
+
+        def record(tile):
+            with recording(module) as stats:
+                out = fn(tile)
+            recorded.append(torch.stack(stats, 1))
+            return out
+
+        tiled_apply(record, x, stage)
+        pooled = pool_stats(torch.cat(recorded))
+
+        def normalised(tile):
+            with normalising_with(module, pooled.expand(tile.shape[0], *pooled.shape[1:])):
+                return fn(tile)
+
+        return tiled_apply(normalised, x, stage)
 
     @torch.no_grad()
     def __call__(self, lr: torch.Tensor) -> torch.Tensor:

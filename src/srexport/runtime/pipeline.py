@@ -55,8 +55,34 @@ class SRPipeline:
             raise ValueError("tiled=True needs an artifact with a tiling section")
         # Whole-image runs are refused above this many output megapixels (None: no limit).
         self.untiled_max_megapixels = self.tiling.untiled_max_megapixels if self.tiling else None
+        if self.tiling is not None:
+            self.use_vae_norm(self.tiling.vae_norm)
         self.progress: tiling_.Progress | None = None  # (stage, tiles done, tiles in stage), e.g. a tqdm
         self._lock = threading.Lock()
+
+    def use_vae_norm(self, method: str) -> None:
+        """Tiled VAE GroupNorm statistics for later calls: "per-tile" (any artifact) or "two-pass"
+        (an artifact built with it; a one-line UserError otherwise)."""
+        import dataclasses
+
+        from .tile_settings import check_vae_norm
+
+        check_vae_norm(self.manifest, method)
+        missing = [g for g in self._two_pass_graphs() if g not in self.runners] if method == "two-pass" else []
+        if missing:
+            raise ValueError(f"two-pass VAE needs runners for {', '.join(missing)}")
+        self.tiling = dataclasses.replace(self.tiling, vae_norm=method)
+
+    @staticmethod
+    def _two_pass_graphs() -> list[str]:
+        from .tile_settings import TWO_PASS_GRAPHS
+
+        return [g for graphs in TWO_PASS_GRAPHS.values() for g in graphs]
+
+    def _two_pass(self, grid: tiling_.TileGrid) -> bool:
+        """Whether a VAE stage over ``grid`` runs two passes (one tile: the tile's own statistics
+        are the image's, and the plain graph computes exactly that)."""
+        return self.tiling.vae_norm == "two-pass" and grid.count > 1
 
     @property
     def backend(self) -> str:
@@ -102,7 +128,12 @@ class SRPipeline:
     def tile_counts(self, lr_height: int, lr_width: int) -> dict[str, int]:
         """Tiles per stage for an LR image of this size (for progress bars)."""
         height, width = upscaled_size(lr_height, lr_width, self.processing)
-        return {stage: grid.count for stage, grid in tiling_.plan_tiles(self.tiling, height, width).items()}
+        counts = {}
+        for stage, grid in tiling_.plan_tiles(self.tiling, height, width).items():
+            if stage != "denoise" and self._two_pass(grid):
+                counts[tiling_.stats_label(stage)] = grid.count
+            counts[stage] = grid.count
+        return counts
 
     def run_stages(self, lr: torch.Tensor, timer: Timer | None = None, tiled: bool | None = None) -> StageOutputs:
         """LR (1,3,h,w) float in [0,1] -> every named tensor, timed per stage.
@@ -165,14 +196,10 @@ class SRPipeline:
             env.update(self._run("degradation", env))
             timer.stop("degradation")
 
-        def encode_tiles(tiles):
-            return self._run("vae_encoder", dict(env, image=tiles), "image")["latent"]
-
-        stage, grid = stages["encode"], grids["encode"]
-        env["latent"] = tiling_.run_stage(
-            stage, grid, lambda origins: torch.cat([source.model_tile(y, x, grid.tile_h, grid.tile_w)
-                                                    for y, x in origins]),
-            encode_tiles, tiling_.BlendCanvas(grid, stage, 4, lr.device), self.progress, timer, "preprocess")
+        grid = grids["encode"]
+        env["latent"] = self._vae_stage(
+            "vae_encoder", stages["encode"], grid, "image", 4, env, timer, "preprocess",
+            lambda origins: torch.cat([source.model_tile(y, x, grid.tile_h, grid.tile_w) for y, x in origins]))
 
         stage, grid = stages["denoise"], grids["denoise"]
         env["denoised"] = tiling_.run_stage(
@@ -180,17 +207,36 @@ class SRPipeline:
             lambda tiles: self._denoise(dict(env, latent=tiles), tiled=True),
             tiling_.BlendCanvas(grid, stage, 4, lr.device), self.progress, timer)
 
-        stage, grid = stages["decode"], grids["decode"]
-        decoded = tiling_.run_stage(
-            stage, grid, tiling_.latent_reader(env["denoised"], grid),
-            lambda tiles: self._run("vae_decoder", dict(env, denoised=tiles), "denoised")["decoded"],
-            tiling_.BlendCanvas(grid, stage, 3, lr.device), self.progress, timer)
+        grid = grids["decode"]
+        decoded = self._vae_stage("vae_decoder", stages["decode"], grid, "denoised", 3, env, timer, None,
+                                  tiling_.latent_reader(env["denoised"], grid))
 
         timer.start("postprocess")
         env["output"] = finish_in_place(decoded, source)  # the output is the decoder's canvas
         timer.stop("postprocess")
         out.seconds, out.total_seconds = timer.seconds(), timer.total()
         return out
+
+    def _vae_stage(self, plain: str, stage, grid, tiled_input: str, channels: int, env: dict, timer,
+                   read_stage, read) -> torch.Tensor:
+        """A tiled VAE stage: ``plain`` over the tiles, blended; with two-pass GroupNorm, first
+        its stats graph over the tiles into a pool (env gets the pooled statistics), then its
+        pooled graph. Both passes are timed as the stage."""
+        from ..models.group_norm_stats import TWO_PASS_OF, StatsPool, norm_stats_name, tile_stats_name
+
+        def compute(component: str, output: str):
+            return lambda tiles: self._run(component, dict(env, **{tiled_input: tiles}), tiled_input)[output]
+
+        output = self.runners[plain].spec.output_names[0]
+        component = plain
+        if self._two_pass(grid):
+            stats_graph, component, _ = TWO_PASS_OF[plain]
+            env[norm_stats_name(plain)] = tiling_.run_stage(
+                stage, grid, read, compute(stats_graph, tile_stats_name(plain)), StatsPool(), self.progress, timer,
+                read_stage, label=tiling_.stats_label(stage.name)).to(env["lr_image"].device)
+        canvas = tiling_.BlendCanvas(grid, stage, channels, env["lr_image"].device)
+        return tiling_.run_stage(stage, grid, read, compute(component, output), canvas, self.progress, timer,
+                                 read_stage)
 
     def __call__(self, lr) -> torch.Tensor:
         """Upscale one image: (1,3,h,w) tensor or HxWx3 uint8 array -> (1,3,H,W) in [0,1]."""

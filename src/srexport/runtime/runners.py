@@ -81,7 +81,9 @@ def ort_runners(artifact, threads: int | None = None) -> dict[str, Runner]:
 
 
 def torch_runners(artifact, reference) -> dict[str, Runner]:
-    modules = reference.components()
+    from ..models.group_norm_stats import graph_modules
+
+    modules = graph_modules(reference)
     return {name: TorchRunner(modules[name], spec) for name, spec in artifact.components.items()}
 
 

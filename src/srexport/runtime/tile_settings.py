@@ -22,6 +22,19 @@ DEFAULT_BATCH = 4
 DEFAULT_VAE_TILE = 1024
 DEFAULT_VAE_OVERLAP = 256
 DEFAULT_UNTILED_MAX_MEGAPIXELS = 2.1  # e.g. 1448 x 1448 or 2048 x 1024 output
+# How tiled VAE runs get their GroupNorm statistics (models/group_norm_stats.py).
+VAE_NORMS = {
+    "per-tile": "each tile normalises with its own GroupNorm statistics; one VAE pass",
+    "two-pass": "a first pass records every tile's GroupNorm statistics, they are pooled over the image "
+                "(mean of means, law of total variance), and a second pass normalises every tile with them; "
+                "twice the VAE work on images of more than one VAE tile, the same memory",
+}
+DEFAULT_VAE_NORM = "per-tile"
+VAE_NORM_REASONING = (
+    "VAE GroupNorm statistics: per-tile by default (one pass). On the trained demo VAE at 1024/256 tiles, "
+    "per-tile encode/decode is 33/32 dB from a whole-image pass and two-pass 46/40 dB "
+    "(benchmarks/tiled_vae_error.py); --vae-norm two-pass buys that for a second VAE pass over the tiles."
+)
 
 REASONING = (
     "Denoiser tiles of 512 px (64 latent) with 128 px (16 latent) overlap: 512 px is what SD 2.1-base and "
@@ -52,6 +65,7 @@ class TilingSettings:
     vae_overlap: int = DEFAULT_VAE_OVERLAP
     pad: bool = False  # pad sides shorter than a tile up to it (fixed-shape engines)
     untiled_max_megapixels: float = DEFAULT_UNTILED_MAX_MEGAPIXELS
+    vae_norm: str = DEFAULT_VAE_NORM  # "per-tile" | "two-pass" (VAE_NORMS)
 
     def validate(self) -> "TilingSettings":
         for flag, tile, overlap in (("--tile", self.tile, self.overlap),
@@ -65,6 +79,8 @@ class TilingSettings:
                                 f"to half the tile ({tile // 2})")
         if not 1 <= self.batch <= 256:
             raise UserError(f"--tile-batch {self.batch} is out of range; use 1 to 256")
+        if self.vae_norm not in VAE_NORMS:
+            raise UserError(f"--vae-norm {self.vae_norm!r} is not one of {', '.join(VAE_NORMS)}")
         if not self.untiled_max_megapixels > 0:
             raise UserError(f"--untiled-max-mp {self.untiled_max_megapixels} must be a positive number of megapixels")
         return self
@@ -100,7 +116,8 @@ class TilingSettings:
                 "encoder": {"tile": self.vae_tile, "overlap": self.vae_overlap, "batch": self.vae_batch},
                 "decoder": {"tile": self.vae_tile, "overlap": self.vae_overlap, "batch": self.vae_batch,
                             "latent_tile": self.vae_tile // f, "latent_overlap": self.vae_overlap // f},
-                "norm": "per tile (each tile's own GroupNorm statistics), blended",
+                "norm": self.vae_norm,
+                "norm_method": VAE_NORMS[self.vae_norm],
             },
             "blend": {"weights": "gaussian", "variance": GAUSSIAN_VARIANCE,
                       "formula": "w(x) = exp(-(x - (T-1)/2)^2 / (2 * 0.01 * T^2)), outer product over the tile; "
@@ -113,7 +130,7 @@ class TilingSettings:
             "per_image_inputs": "inputs with a batch dim and no spatial dim (S3Diff scores) come from the "
                                 "whole image once and are repeated over each tile batch",
             "untiled_max_megapixels": self.untiled_max_megapixels,
-            "reasoning": REASONING,
+            "reasoning": REASONING + " " + VAE_NORM_REASONING,
         }
 
     @classmethod
@@ -124,7 +141,33 @@ class TilingSettings:
             vae_tile=int(vae.get("tile", section["tile"])), vae_overlap=int(vae.get("overlap", section["overlap"])),
             pad=bool(section.get("pad", False)),
             untiled_max_megapixels=float(section.get("untiled_max_megapixels", DEFAULT_UNTILED_MAX_MEGAPIXELS)),
+            vae_norm=_vae_norm_of(section.get("vae", {}).get("norm")),
         )
+
+
+# plain VAE graph -> its two-pass graphs (first pass: statistics; second: pooled statistics)
+TWO_PASS_GRAPHS = {"vae_encoder": ("vae_encoder_stats", "vae_encoder_pooled"),
+                   "vae_decoder": ("vae_decoder_stats", "vae_decoder_pooled")}
+
+
+def check_vae_norm(manifest: dict, method: str) -> str:
+    """``method`` if the artifact can run it, else a one-line UserError with the fix."""
+    if method not in VAE_NORMS:
+        raise UserError(f"--vae-norm {method!r} is not one of {', '.join(VAE_NORMS)}")
+    if manifest.get("tiling") is None:
+        raise UserError("this artifact has no tiling section, so --vae-norm does not apply; rebuild it with this "
+                        "srexport")
+    if method == "two-pass":
+        missing = [g for graphs in TWO_PASS_GRAPHS.values() for g in graphs if g not in manifest.get("components", {})]
+        if missing:
+            raise UserError("this artifact has no two-pass VAE graphs (" + ", ".join(missing) + "); rebuild it "
+                            "with 'srexport build ... --vae-norm two-pass', or run with --vae-norm per-tile")
+    return method
+
+
+def _vae_norm_of(recorded: str | None) -> str:
+    """The manifest's vae.norm; artifacts from before the option recorded a sentence for per-tile."""
+    return DEFAULT_VAE_NORM if recorded is None or recorded.startswith("per tile (") else recorded
 
 
 def tiling_section(settings: TilingSettings | None = None) -> dict:

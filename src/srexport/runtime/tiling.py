@@ -58,7 +58,9 @@ from .tile_settings import (  # settings: torch-free, for the CLI
 
 # --- shapes for engine profiles ----------------------------------------------------------
 
-_COMPONENT_STAGE = {"vae_encoder": "encode", "vae_decoder": "decode"}  # any other tiled graph: denoise
+_COMPONENT_STAGE = {"vae_encoder": "encode", "vae_decoder": "decode",  # any other tiled graph: denoise
+                    "vae_encoder_stats": "encode", "vae_encoder_pooled": "encode",
+                    "vae_decoder_stats": "decode", "vae_decoder_pooled": "decode"}
 _UNTILED_COMPONENTS = ("degradation",)
 
 
@@ -249,8 +251,12 @@ Progress = Callable[[str, int, int], None]  # (stage, tiles done, tiles in the s
 
 def run_stage(stage: StageTiling, grid: TileGrid, read: Callable[[list[tuple[int, int]]], torch.Tensor],
               compute: Callable[[torch.Tensor], torch.Tensor], canvas: BlendCanvas,
-              progress: Progress | None = None, timer=None, read_stage: str | None = None) -> torch.Tensor:
-    """Tiles in batches of ``stage.batch``: read, compute, blend. Returns the blended result."""
+              progress: Progress | None = None, timer=None, read_stage: str | None = None,
+              label: str | None = None) -> torch.Tensor:
+    """Tiles in batches of ``stage.batch``: read, compute, add to ``canvas`` (a BlendCanvas, or
+    anything with ``add(outputs, origins)`` and ``result()``, such as the two-pass VAE's
+    statistics pool). Returns ``canvas.result()``. Time goes to ``stage.name``; progress is
+    reported under ``label`` (default: the stage's name)."""
     origins = grid.origins
     for start in range(0, len(origins), stage.batch):
         batch = origins[start : start + stage.batch]
@@ -265,7 +271,7 @@ def run_stage(stage: StageTiling, grid: TileGrid, read: Callable[[list[tuple[int
         if timer is not None:
             timer.stop(stage.name)
         if progress is not None:
-            progress(stage.name, min(start + stage.batch, len(origins)), len(origins))
+            progress(label or stage.name, min(start + stage.batch, len(origins)), len(origins))
     return canvas.result()
 
 
@@ -274,6 +280,11 @@ def latent_reader(latent: torch.Tensor, grid: TileGrid) -> Callable[[list[tuple[
         return extract_tiles(latent, origins, grid.tile_h, grid.tile_w, pad_mode="reflect")
 
     return read
+
+
+def stats_label(stage: str) -> str:
+    """The progress label of a two-pass VAE stage's first pass."""
+    return f"{stage} stats"
 
 
 def plan_tiles(settings: TilingSettings, height: int, width: int) -> dict[str, TileGrid]:

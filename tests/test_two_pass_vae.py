@@ -1,0 +1,271 @@
+"""Two-pass tiled VAE (--vae-norm two-pass): GroupNorm statistics recorded per tile, pooled
+over the image, and every tile normalised with the pool.
+
+The statistics and their pooling are checked against direct computation; the graphs against
+their modules (at build) and the tiled ONNX runs against the tiled PyTorch reference; the
+method itself against per-tile statistics, by its distance to a whole-image pass."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from srexport.errors import UserError
+from srexport.models.group_norm_stats import (
+    PooledNorm,
+    StatsPool,
+    TileStats,
+    graph_modules,
+    normalising_with,
+    pool_stats,
+    statistics_nodes,
+)
+from srexport.parity import compare
+from srexport.runtime.pipeline import SRPipeline
+from srexport.runtime.tiling import TilingSettings, tile_geometries, tiling_section
+
+SMALL_TILES = dict(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16)
+
+
+@pytest.fixture(scope="module")
+def two_pass_artifact(tmp_path_factory):
+    """The demo built as conftest's demo_artifact is, plus the two-pass VAE graphs, with 256 px VAE
+    tiles (so that the CLI test's 160x544 output is three VAE tiles)."""
+    from srexport.cli import main
+
+    out = tmp_path_factory.mktemp("artifacts") / "pisa-two-pass"
+    assert main(["build", "--scale", "4", "--process-size", "128", "--precision", "fp32", "--vae-norm", "two-pass",
+                 "--vae-tile", "256", "--vae-tile-overlap", "64", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def art_and_ref(two_pass_artifact):
+    from srexport.export.artifact import load_artifact
+    from srexport.runtime.loading import reference_for
+
+    art = load_artifact(two_pass_artifact)
+    return art, reference_for(art)
+
+
+def _pipeline(art, **tiling) -> SRPipeline:
+    from srexport.runtime.runners import ort_runners
+
+    manifest = copy.deepcopy(art.manifest)
+    manifest["tiling"] = tiling_section(TilingSettings(**tiling))
+    return SRPipeline(manifest, ort_runners(art))
+
+
+# --- statistics and pooling --------------------------------------------------------------
+
+
+def _group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
+    v = x.double().reshape(x.shape[0], groups, -1)
+    return torch.stack([v.mean(-1), v.var(-1, unbiased=False)], -1)
+
+
+def test_recorded_statistics_are_each_group_norms_input_statistics(demo_source):
+    """TileStats == the (mean, variance) of every GroupNorm's input in call order, read by hooks
+    on the plain encoder; the pooled graph given a tile's own statistics is the plain encoder."""
+    from srexport.models.components import VaeEncoderMean
+
+    base, _ = demo_source.load()
+    encoder = VaeEncoderMean(base.vae).eval()
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(_group_stats(args[0], m.num_groups)))
+             for m in encoder.modules() if isinstance(m, nn.GroupNorm)]
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        plain = encoder(x)
+        for h in hooks:
+            h.remove()
+        stats = TileStats(encoder)(x)
+        again = PooledNorm(encoder)(x, stats)
+    assert stats.shape == (2, len(seen), 8, 2) and len(seen) == 22  # SD's encoder: 22 GroupNorms
+    assert float((stats.double() - torch.stack(seen, 1)).abs().max()) < 1e-5
+    assert float((again - plain).abs().max()) < 1e-5  # own statistics: the same computation
+
+
+def test_pooled_statistics_of_equal_tiles_are_the_union_statistics():
+    """Law of total variance: two halves of an image pool to the whole image's statistics,
+    whole-tensor (pool_stats, the reference's) and streamed (StatsPool, the runtime's)."""
+    norm = nn.GroupNorm(4, 8)
+    x = torch.randn(1, 8, 16, 32, generator=torch.Generator().manual_seed(1)) * 3 + 2
+    halves = torch.cat([x[..., :16], x[..., 16:]])
+    with torch.no_grad():
+        whole, per_half = TileStats(norm)(x), TileStats(norm)(halves)
+    assert float((per_half[0] - per_half[1]).abs().max()) > 1e-2  # the halves differ
+    assert float((pool_stats(per_half) - whole).abs().max()) < 1e-5
+    pool = StatsPool()
+    tiles = torch.cat([per_half, per_half[:1]])  # three tiles, streamed as batches of 2 and 1
+    pool.add(tiles[:2])
+    pool.add(tiles[2:])
+    assert pool.count == 3 and float((pool.result() - pool_stats(tiles)).abs().max()) < 1e-6
+    with torch.no_grad(), normalising_with(norm, whole.expand(2, -1, -1, -1)):
+        normalised = norm(halves)
+    expected = norm(x)  # the whole image's GroupNorm, cut in halves
+    assert float((torch.cat([normalised[0], normalised[1]], -1) - expected[0]).abs().max()) < 1e-5
+
+
+def test_statistics_of_the_wrong_length_are_refused():
+    norm = nn.Sequential(nn.GroupNorm(2, 4), nn.GroupNorm(2, 4))
+    with pytest.raises(ValueError, match="statistics for 1 GroupNorms"):
+        with torch.no_grad(), normalising_with(norm, torch.ones(1, 1, 2, 2)):
+            norm(torch.randn(1, 4, 3, 3))
+    with pytest.raises(ValueError, match="statistics for 3 GroupNorms, but the network called 2"):
+        with torch.no_grad(), normalising_with(norm, torch.ones(1, 3, 2, 2)):
+            norm(torch.randn(1, 4, 3, 3))
+    assert "forward" not in vars(norm[0])  # the modules are themselves again
+
+
+# --- the artifact: graphs, manifest, engine shapes ------------------------------------------
+
+
+def test_artifact_holds_two_pass_graphs_and_records_the_method(art_and_ref):
+    art, _ = art_and_ref
+    m = art.manifest
+    assert m["tiling"]["vae"]["norm"] == "two-pass" and "pooled" in m["tiling"]["vae"]["norm_method"]
+    assert TilingSettings.from_manifest(m["tiling"]).vae_norm == "two-pass"
+    specs = art.components
+    assert specs["vae_encoder_stats"].outputs[0].dims == ("batch", 22, 8, 2)
+    assert specs["vae_decoder_pooled"].input_names == ["denoised", "decoder_norm_stats"]
+    assert specs["vae_decoder_pooled"].outputs == specs["vae_decoder"].outputs
+    for name in ("vae_encoder_stats", "vae_encoder_pooled", "vae_decoder_stats", "vae_decoder_pooled"):
+        assert m["checks"]["components"][name]["rel_l2"] < 1e-4
+        assert not any(m["checks"]["tensorrt_parser"][name].values())  # TensorRT 10/11 parse them
+        plain = "vae_encoder" if "encoder" in name else "vae_decoder"
+        assert tile_geometries(m, name) == tile_geometries(m, plain)
+    # the statistics graph stops at the last GroupNorm: the encoder's conv_out is not in it
+    stats = onnx.load(str(art.component_file("vae_encoder_stats")))
+    assert not any("conv_out" in n.name for n in stats.graph.node)
+    # an older manifest's sentence reads as per-tile
+    old = copy.deepcopy(m["tiling"])
+    old["vae"]["norm"] = "per tile (each tile's own GroupNorm statistics), blended"
+    assert TilingSettings.from_manifest(old).vae_norm == "per-tile"
+
+
+def test_fp16_keeps_the_statistics_in_fp32(art_and_ref):
+    """Converted as a build converts, the pooled decoder's GroupNorm arithmetic stays fp32 and
+    its GPU-like fp16 rounding stays close to the fp32 graph on real statistics."""
+    import onnxruntime as ort
+
+    from srexport.calibration.fp16 import convert_to_fp16, emulate_fp16, fp32_nodes
+
+    art, ref = art_and_ref
+    fp32 = onnx.load(str(art.component_file("vae_decoder_pooled")))
+    keep = statistics_nodes(fp32)
+    reduce_means = sum(n.op_type == "ReduceMean" for n in fp32.graph.node)  # none: given statistics
+    converted = convert_to_fp16(copy.deepcopy(fp32), keep)
+    kept = fp32_nodes(converted)
+    assert kept.get("Sqrt", 0) == sum(n.op_type == "Sqrt" for n in fp32.graph.node) == 30  # one per GroupNorm
+    assert reduce_means == 0 and len(keep) > 30 * 5
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        stats = graph_modules(ref)["vae_decoder_stats"](latent)
+    feeds = {"denoised": latent.numpy(), "decoder_norm_stats": stats.numpy()}
+
+    def run(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    exact, rounded = run(fp32), run(emulate_fp16(converted))
+    assert np.isfinite(rounded).all()
+    assert compare(torch.from_numpy(rounded), torch.from_numpy(exact), 2.0).rel_l2 < 1e-2
+
+
+# --- tiled runs --------------------------------------------------------------------------
+
+
+def test_two_pass_onnx_equals_the_two_pass_reference_and_beats_per_tile(art_and_ref, small_lr):
+    from srexport.checking import check_image, failures
+
+    art, ref = art_and_ref
+    two_pass = check_image(_pipeline(art, **SMALL_TILES, vae_norm="two-pass"), ref, small_lr, "small")
+    per_tile = check_image(_pipeline(art, **SMALL_TILES), ref, small_lr, "small")
+    assert two_pass.tiles == {"encode stats": 12, "encode": 12, "denoise": 12, "decode stats": 12, "decode": 12}
+    assert two_pass.tiled.psnr_db >= 50, two_pass.tiled.describe()
+    assert not failures(two_pass, 1e-3, 50)  # every graph, statistics standardised, within 1e-3
+    # 64 px VAE tiles on a 512x672 px image, both vs the whole-image reference: measured 32.4 dB
+    # (two-pass) vs 24.4 dB (per-tile)
+    gain = two_pass.tiled_vs_whole.psnr_db - per_tile.tiled_vs_whole.psnr_db
+    assert gain > 3, (two_pass.tiled_vs_whole.describe(), per_tile.tiled_vs_whole.describe())
+
+
+def test_two_pass_batches_of_1_and_4_are_identical_and_one_tile_is_untiled(art_and_ref, small_lr):
+    art, _ = art_and_ref
+    one = _pipeline(art, **dict(SMALL_TILES, batch=1), vae_norm="two-pass")
+    four = _pipeline(art, **SMALL_TILES, vae_norm="two-pass")
+    seen = []
+    four.progress = lambda stage, done, total: seen.append((stage, done, total))
+    assert torch.equal(one(small_lr), four(small_lr))
+    assert ("encode stats", 12, 12) in seen and seen[-1] == ("decode", 12, 12)
+    whole = _pipeline(art, tile=192, overlap=64, vae_tile=192, vae_overlap=64, vae_norm="two-pass")
+    assert torch.equal(whole(small_lr), whole.run_stages(small_lr, tiled=False).tensors["output"])
+
+
+def test_s3diff_two_pass_tiles_match_the_reference(tmp_path):
+    """The scores-modulated S3Diff encoder through its two-pass graphs (torch backend), with
+    the whole image's scores, equals the tiled two-pass reference."""
+    from srexport.export.s3diff_recipe import S3DiffSettings, s3diff_specs
+    from srexport.models.base import build_base
+    from srexport.models.group_norm_stats import two_pass_specs
+    from srexport.models.s3diff import load_de_net, load_s3diff_checkpoint, write_demo_checkpoints
+    from srexport.models.s3diff.reference import S3DiffReference
+    from srexport.models.tiled_reference import TiledReference
+    from srexport.runtime.runners import TorchRunner
+
+    checkpoint, de_net = write_demo_checkpoints(tmp_path, seed=0)
+    ref = S3DiffReference(build_base("demo", seed=0), load_s3diff_checkpoint(checkpoint), load_de_net(de_net))
+    modules = graph_modules(ref)
+    specs = s3diff_specs(S3DiffSettings())
+    specs.update(two_pass_specs(specs, modules))
+    assert specs["vae_encoder_pooled"].input_names == ["image", "scores", "encoder_norm_stats"]
+    tiling = TilingSettings(tile=64, overlap=0, batch=3, vae_tile=64, vae_overlap=0, vae_norm="two-pass")
+    manifest = {"processing": ref.processing.to_dict(), "denoise": ref.denoise_plan(),
+                "tiling": tiling_section(tiling), "components": {n: {} for n in specs}}
+    pipeline = SRPipeline(manifest, {n: TorchRunner(modules[n], specs[n]) for n in specs})
+    lr = torch.rand(1, 3, 16, 28, generator=torch.Generator().manual_seed(5))
+    expected = TiledReference(ref, tiling)(lr)
+    per_tile = TiledReference(ref, dataclasses.replace(tiling, vae_norm="per-tile"))(lr)
+    out = pipeline(lr)
+    assert compare(out, expected, 1.0).psnr_db > 90
+    assert compare(out, per_tile, 1.0).psnr_db < 80  # the pooled statistics changed something
+
+
+# --- choosing the method at run time -------------------------------------------------------
+
+
+def test_cli_run_chooses_the_method_and_refuses_two_pass_without_its_graphs(demo_artifact, two_pass_artifact,
+                                                                           tmp_path, capsys):
+    from srexport.cli import main
+    from srexport.runtime.images import load_image, save_image
+
+    lr = torch.rand(1, 3, 40, 136, generator=torch.Generator().manual_seed(3))  # 160x544 px: 3 VAE tiles of 256
+    save_image(lr, tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    assert main(["run", str(demo_artifact), str(tmp_path / "in.png"), "-o", str(out), "--vae-norm", "two-pass"]) == 2
+    err = capsys.readouterr().err
+    assert "no two-pass VAE graphs" in err and "--vae-norm two-pass" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    for method in ("two-pass", "per-tile"):
+        assert main(["run", str(two_pass_artifact), str(tmp_path / "in.png"), "-o", str(tmp_path / f"{method}.png"),
+                     "--vae-norm", method]) == 0
+        assert ("encode stats" in capsys.readouterr().err) == (method == "two-pass")  # the progress bar
+    a, b = load_image(tmp_path / "two-pass.png"), load_image(tmp_path / "per-tile.png")
+    assert a.shape == b.shape == (1, 3, 160, 544)
+    assert compare(a, b, 1.0).psnr_db < 60  # two methods, two results
+    with pytest.raises(UserError, match="not one of"):
+        SRPipeline(art_manifest_with(two_pass_artifact, "three-pass"), {})
+
+
+def art_manifest_with(folder, method: str) -> dict:
+    from srexport.export.artifact import read_manifest
+
+    manifest = read_manifest(folder)
+    manifest["tiling"]["vae"]["norm"] = method
+    return manifest
