@@ -36,7 +36,8 @@ def _build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "build", help="export a model into an artifact folder (ONNX graphs + manifest.json)",
         description=(
-            "Export a model to an artifact folder: ONNX graphs for vae_encoder, the UNet and vae_decoder, and a "
+            "Export a model to an artifact folder: ONNX graphs for vae_encoder, the UNet and vae_decoder (with "
+            "--vae-norm two-pass also the VAE's two-pass graphs; S3Diff also its degradation estimator), and a "
             "manifest.json with specs, constants, checks and sha256 of every file. Every graph is checked against "
             "its PyTorch module and the whole ONNX pipeline against the PyTorch reference before the folder is "
             "written (atomically). With no --base/--checkpoint the built-in demo is built: for pisa-sr a tiny "

@@ -14,10 +14,13 @@ tensors to FLOAT16, Casts at the borders of what stays FLOAT), with:
   upsampling is exact in either type), and any node that the fp32 graph's
   measured activations show near fp16's range (``overflow_nodes``): SD's VAE
   decoder is the classic place.
-- two repairs of the converter's output: it duplicates value_info entries that
+- repairs of the converter's output: it duplicates value_info entries that
   the exporter's shape inference already wrote (then it types a tensor twice),
   and it leaves ``Cast(to=FLOAT)`` nodes of shape arithmetic (attention's
-  1/sqrt(head_dim)) casting to FLOAT while their consumers became FLOAT16.
+  1/sqrt(head_dim)) casting to FLOAT while their consumers became FLOAT16;
+  a graph output made by a node kept in fp32 comes out FLOAT16 despite
+  ``keep_io_types``; and an initializer shared by a kept and a converted node
+  is typed for one of them only (so kept nodes get their own copies first).
 
 ``emulate_fp16`` makes the fp32 twin of an fp16 graph that rounds every fp16
 tensor to fp16 after the node that makes it. onnxruntime's CPU provider has no
@@ -127,6 +130,7 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32_nodes: list[str] | tuple =
                      if n.op_type == "Cast" and helper.get_attribute_value(n.attribute[0]) == TensorProto.FLOAT}
     if not large:
         del model.graph.value_info[:]  # the converter infers them again
+    _unshare_initializers(model, lambda node: node.name in keep_fp32_nodes or node.op_type in FP32_OPS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns for every weight it clamps to fp16's range
         converted = float16.convert_float_to_float16(
@@ -135,8 +139,52 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32_nodes: list[str] | tuple =
     for node in converted.graph.node:
         if node.name in cast_to_float and node.op_type == "Cast":
             node.attribute[0].i = TensorProto.FLOAT16
+    _float_outputs(converted, {o.name for o in model.graph.output
+                               if o.type.tensor_type.elem_type == TensorProto.FLOAT})
     dedupe_value_info(converted)
     return converted
+
+
+def _float_outputs(model: onnx.ModelProto, names: set[str]) -> None:
+    """Keep float32 graph outputs float32. When the node making an output is kept fp32, the
+    converter still ends it with a Cast to FLOAT16 and types the output FLOAT16 (seen: the
+    two-pass statistics graphs' final Concat); that Cast is turned back into one to FLOAT."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for output in model.graph.output:
+        if output.name in names and output.type.tensor_type.elem_type != TensorProto.FLOAT:
+            node = producers.get(output.name)
+            if node is None or node.op_type != "Cast":
+                raise RuntimeError(f"fp16 conversion left graph output {output.name} in "
+                                   f"{TensorProto.DataType.Name(output.type.tensor_type.elem_type)}")
+            node.attribute[0].i = TensorProto.FLOAT
+            output.type.tensor_type.elem_type = TensorProto.FLOAT
+            for info in model.graph.value_info:
+                if info.name == output.name:
+                    info.type.tensor_type.elem_type = TensorProto.FLOAT
+
+
+def _unshare_initializers(model: onnx.ModelProto, kept) -> None:
+    """Give the nodes that stay fp32 their own copy of every float initializer they share with
+    nodes that become fp16. The converter types a shared initializer once (fp32, if any consumer
+    stays fp32), which leaves the fp16 consumer with mixed input types; seen: the constant 1.0
+    that onnxslim shares between the two-pass graphs' GroupNorm arithmetic and the decoder's Clip."""
+    floats = {t.name: t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+    users: dict[str, set[bool]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in floats:
+                users.setdefault(name, set()).add(bool(kept(node)))
+    shared = {name for name, kinds in users.items() if kinds == {True, False}}
+    for name in shared:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(floats[name])
+        copy.name = name + "__fp32"
+        model.graph.initializer.append(copy)
+    for node in model.graph.node:
+        if kept(node):
+            for i, name in enumerate(node.input):
+                if name in shared:
+                    node.input[i] = name + "__fp32"
 
 
 def fp32_nodes(model: onnx.ModelProto) -> dict[str, int]:
