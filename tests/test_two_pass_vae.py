@@ -183,6 +183,24 @@ def test_fp16_keeps_the_statistics_in_fp32(art_and_ref):
         assert compare(torch.from_numpy(result), torch.from_numpy(exact), 2.0).rel_l2 < 1e-2
 
 
+def test_raising_the_opset_for_int8_moves_reduce_mean_axes_to_an_input():
+    """int8 graphs go to opset 19 for Q/DQ; ReduceMean's axes became an input at 18."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from srexport.calibration.int8 import raise_opset
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["y"], name="mean", axes=[-1], keepdims=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = raise_opset(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), 19)
+    assert model.opset_import[0].version == 19 and not model.graph.node[0].attribute[1:]
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert y.tolist() == [1.0, 4.0]
+
+
 # --- tiled runs --------------------------------------------------------------------------
 
 

@@ -160,11 +160,30 @@ def quantize_int8(fp32_path: Path, out_path: Path, ranges_json: Path, exclude: I
     return model
 
 
+# Reductions whose ``axes`` moved from an attribute to an input at opset 18 (ReduceSum: at 13).
+_AXES_INPUT_AT_18 = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                     "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+
+
 def raise_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """Raise the default-domain opset. The ops our graphs use read the same at 17 and
     19 (the changes in between add optional inputs/attributes with the old
-    defaults, and fp16/bf16/fp8 types to Q/DQ), so the import is rewritten and
-    the result checked, as onnx's version converter would do node by node."""
+    defaults, and fp16/bf16/fp8 types to Q/DQ), except the reductions whose
+    ``axes`` attribute became an input at 18 (the two-pass VAE statistics
+    graphs' ReduceMean): those are rewritten. Then the import is raised and the
+    result checked, as onnx's version converter would do node by node."""
+    from onnx import helper
+
+    current = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), opset)
+    if current < 18 <= opset:
+        for k, node in enumerate(model.graph.node):
+            axes = [a for a in node.attribute if a.name == "axes"]
+            if node.op_type in _AXES_INPUT_AT_18 and axes:
+                name = f"{node.name or node.op_type}_axes_{k}"
+                model.graph.initializer.append(numpy_helper.from_array(
+                    np.asarray(helper.get_attribute_value(axes[0]), dtype=np.int64), name))
+                node.attribute.remove(axes[0])
+                node.input.append(name)
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx") and imp.version < opset:
             imp.version = opset
