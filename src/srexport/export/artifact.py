@@ -2,13 +2,18 @@
 
 Writes are atomic: a build fills a hidden temporary sibling of the target and
 renames it into place only when everything (export, checks, manifest) has
-succeeded, so an interrupted or failed build leaves nothing behind. Loading
-verifies every file's sha256 against the manifest.
+succeeded, so an interrupted or failed build leaves nothing behind; a build
+killed outright (SIGKILL, power loss) leaves its sibling, and the next build of
+the same folder removes it. Loading validates the manifest against
+``manifest.schema.json`` and its cross-references, refuses any file path that
+leaves the artifact folder (symlinks resolved; ONNX external data included),
+and verifies every file's sha256.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -22,6 +27,8 @@ from .specs import ComponentSpec
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
+_OWNER = ".srexport-build-pid"  # inside a build's temporary folder: the pid that fills it
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
@@ -32,19 +39,77 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def atomic_folder(target: Path, force: bool = False):
-    """Yield a temporary sibling folder; on success it replaces ``target``."""
+def check_writable_folder(path: Path, label: str) -> None:
+    """One line now, before any work, if nothing can be created in the folder ``path`` (one that
+    exists or would be made): its nearest existing ancestor must take a new file. ``label`` says
+    what the user asked for (e.g. ``--out A``)."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{label}: {existing} is a file, not a folder; choose another location")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".srexport-write-test-")
+    except OSError as e:
+        raise UserError(f"{label}: cannot write in {existing} ({e.strerror or e}); choose a writable "
+                        "location") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_build_target(target: Path, force: bool) -> None:
+    """Refuse an --out that cannot be replaced, before anything is loaded."""
     target = Path(target).absolute()
     if target.exists() and not force:
         raise UserError(f"{target} already exists; pass --force to replace it or choose another --out")
     if target.exists() and not target.is_dir():
         raise UserError(f"{target} exists and is not a folder; remove it or choose another --out")
+    check_writable_folder(target.parent, f"--out {target}")
+
+
+def remove_stale_builds(target: Path) -> list[Path]:
+    """Remove temporary siblings of ``target`` left by builds that were killed outright
+    (their recorded pid is no longer alive); a live build's folder is left alone."""
+    target = Path(target).absolute()
+    removed = []
+    for tmp in target.parent.glob(f".{target.name}.building-*"):
+        try:
+            pid = int((tmp / _OWNER).read_text())
+        except (OSError, ValueError):
+            pid = None  # a folder from before the pid file, or killed before writing it
+        if pid is not None and _alive(pid):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path, force: bool = False, note=None):
+    """Yield a temporary sibling folder; on success it replaces ``target``. ``note`` (a
+    callable) hears about stale temporary folders of killed builds that were removed."""
+    target = Path(target).absolute()
+    check_build_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_builds(target)
+    if stale and note is not None:
+        note(f"removed {len(stale)} temporary folder(s) left by a killed build of {target.name}: "
+             + ", ".join(p.name for p in stale))
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an artifact is meant to be shared
     try:
+        (tmp / _OWNER).write_text(str(os.getpid()))
         yield tmp
+        (tmp / _OWNER).unlink()
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)
@@ -58,11 +123,13 @@ def atomic_folder(target: Path, force: bool = False):
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:
-    """Hash every listed file, then write manifest.json atomically."""
+    """Hash every listed file, validate, then write manifest.json atomically: what a build
+    writes is what every reader accepts."""
     folder = Path(folder)
     for entry in manifest["files"].values():
         entry["sha256"] = sha256_of(folder / entry["path"])
         entry["bytes"] = (folder / entry["path"]).stat().st_size
+    validate_manifest(manifest, "the manifest being written")
     path = folder / MANIFEST
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest-")
     with os.fdopen(fd, "w") as f:
@@ -99,7 +166,9 @@ class Artifact:
         return self.folder / self.manifest["files"][key]["path"]
 
 
-def read_manifest(folder: Path) -> dict:
+def read_manifest(folder: Path, validate: bool = True) -> dict:
+    """The manifest of an artifact folder, validated (schema, cross-references, paths) unless
+    ``validate`` is False (``inspect`` shows damaged artifacts). Problems are one-line UserErrors."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -108,24 +177,128 @@ def read_manifest(folder: Path) -> dict:
         raise UserError(f"{folder} has no {MANIFEST}; it is not an srexport artifact (build one with 'srexport build')")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); rebuild the artifact") from None
     if not isinstance(manifest, dict) or not {"files", "components", "model"} <= manifest.keys():
         raise UserError(f"{path} is not an srexport manifest (missing files/components/model); rebuild the artifact")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise UserError(f"{path} has format_version {version}; this srexport reads {FORMAT_VERSION}: rebuild the artifact")
+        raise UserError(f"{path} has format_version {version!r}; this srexport reads {FORMAT_VERSION}: rebuild the "
+                        "artifact")
+    if validate:
+        validate_manifest(manifest, path)
+        for entry in manifest["files"].values():
+            contained_path(folder, entry["path"])
     return manifest
 
 
+@functools.lru_cache(maxsize=1)
+def manifest_schema() -> dict:
+    return json.loads(SCHEMA_FILE.read_text())
+
+
+def validate_manifest(manifest: dict, where: str | Path = MANIFEST) -> None:
+    """The schema, then what a schema cannot say: every name the manifest refers to exists."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(manifest_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(manifest))
+    if error is not None:
+        path = [str(p) for p in error.absolute_path]
+        if error.validator == "required":  # name the missing field itself
+            missing = next(k for k in error.validator_value if k not in error.instance)
+            raise UserError(f"{where}: field {'.'.join([*path, missing])} is missing; rebuild the artifact or "
+                            f"restore its {MANIFEST}")
+        raise UserError(f"{where}: field {'.'.join(path) or '(top level)'}: {_short(error.message)}; rebuild the "
+                        f"artifact or restore its {MANIFEST}")
+    components, files = manifest["components"], manifest["files"]
+    for i, term in enumerate(manifest["denoise"]["terms"]):
+        if term["component"] not in components:
+            raise UserError(f"{where}: field components.{term['component']} is missing (denoise.terms.{i} runs it); "
+                            f"rebuild the artifact or restore its {MANIFEST}")
+    for name in ("vae_encoder", "vae_decoder"):
+        if name not in components:
+            raise UserError(f"{where}: field components.{name} is missing; rebuild the artifact or restore its "
+                            f"{MANIFEST}")
+    for name, component in components.items():
+        for kind, key in component["files"].items():
+            if key not in files:
+                raise UserError(f"{where}: field files.{key} is missing (components.{name}.files.{kind} names it); "
+                                f"rebuild the artifact or restore its {MANIFEST}")
+
+
+def _short(message: str, limit: int = 120) -> str:
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+def contained_path(folder: Path, relative: str) -> Path:
+    """``folder / relative``, refused in one line if it is absolute or leaves the folder once
+    symlinks are resolved: artifacts travel between machines and teams."""
+    folder = Path(folder)
+    if os.path.isabs(relative) or Path(relative).drive:
+        raise UserError(f"{folder / MANIFEST} names the absolute path {relative!r}, outside the artifact folder; an "
+                        "artifact may only refer to files inside its folder: rebuild it")
+    path = folder / relative
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise UserError(f"{folder / MANIFEST} names {relative!r}, which leaves the artifact folder; an artifact may "
+                        "only refer to files inside it: rebuild it")
+    return path
+
+
+def check_external_data(folder: Path, graph: Path) -> None:
+    """Every external-data location of an ONNX graph stays inside the artifact folder."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            try:
+                contained_path(folder, os.path.relpath(graph.parent / location, folder))
+            except UserError:
+                raise UserError(f"{graph} keeps tensor {tensor.name!r} in {location!r}, outside the artifact folder; "
+                                "an artifact may only refer to files inside it: rebuild it") from None
+
+
+def _tensors(graph):
+    """Every tensor of a graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for sub in attribute.graphs:
+                yield from _tensors(sub)
+
+
+def file_problems(folder: Path, manifest: dict) -> list[str]:
+    """What is wrong with the listed files on disk (missing, size or sha256 mismatch)."""
+    problems = []
+    for entry in manifest["files"].values():
+        path = folder / entry["path"]
+        if not path.is_file():
+            problems.append(f"{entry['path']} is missing")
+        elif path.stat().st_size != entry.get("bytes") or sha256_of(path) != entry.get("sha256"):
+            problems.append(f"{entry['path']} does not match its sha256 in the manifest (modified or truncated)")
+    return problems
+
+
 def load_artifact(folder: str | Path, verify: bool = True) -> Artifact:
+    """A validated artifact; ``verify`` also checks every file's size and sha256 and keeps ONNX
+    external data inside the folder."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if verify:
-        for key, entry in manifest["files"].items():
+        for entry in manifest["files"].values():
             path = folder / entry["path"]
             if not path.is_file():
                 raise UserError(f"artifact {folder} is missing {entry['path']}; rebuild it or restore the file")
             if path.stat().st_size != entry["bytes"] or sha256_of(path) != entry["sha256"]:
                 raise UserError(f"{path} does not match its sha256 in the manifest (modified or truncated); rebuild the artifact")
+            if path.suffix == ".onnx":
+                check_external_data(folder, path)
     return Artifact(folder, manifest)
