@@ -21,6 +21,15 @@ _UNET_WEIGHTS = {
 }
 
 
+# What processing.size_policy means for the output, in the manifest's words.
+_SIZE_NOTES = {
+    "pad": "Output is exactly scale x the input: the upscaled image is reflect-padded to a multiple of 8 "
+           "(processing.size_policy reflect_pad) and the result cropped back; upstream floors instead.",
+    "floor": "Output sides are scale x the input floored to a multiple of 8, as upstream (processing.size_policy "
+             "resize_floor), except that inputs pre-resized for process_size end at exactly scale x the input.",
+}
+
+
 def pisa_specs(settings) -> dict[str, ComponentSpec]:
     unets = ["unet"] if settings.guidance == "merged" else ["unet_pix", "unet_sem"]
     specs = {"vae_encoder": vae_encoder_spec()}
@@ -66,7 +75,7 @@ def pisa_manifest(source, settings, reference, ranks: dict) -> dict:
             f"PiSA-SR x{settings.scale} ({settings.guidance} guidance, lambda_pix={settings.lambda_pix}, "
             f"lambda_sem={settings.lambda_sem}) exported by srexport {__version__}. Run: pre-process (processing), "
             "vae_encoder, the denoise plan's UNet graphs, vae_decoder, post-process. The encoder returns the "
-            "posterior mean, not a sample." + demo_note
+            "posterior mean, not a sample. " + _SIZE_NOTES[settings.size_policy] + demo_note
         ),
         "model": {
             "kind": "pisa-sr",

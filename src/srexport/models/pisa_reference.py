@@ -1,8 +1,12 @@
 """PiSA-SR in PyTorch: the parity oracle (UPSTREAM.md, PiSA-SR inference steps 1-9).
 
-Two deliberate differences from upstream, both stated in the manifest:
+Deliberate differences from upstream, all stated in the manifest:
 the latent is the posterior mean, not a sample; images stay float between
-steps (upstream round-trips through 8-bit PIL images).
+steps (upstream round-trips through 8-bit PIL images); by default
+(``size_policy="pad"``) the output is exactly scale x the input: the upscaled
+image is reflect-padded to the multiple of 8 the VAE needs and the result
+cropped back, where upstream resizes it to the size floored to a multiple of 8
+(``size_policy="floor"``, which loses up to 7 pixels per side).
 
 Guidance:
 - ``exact``: two UNets, W_pix = W0 + dW_pix and W_sem = W_pix + dW_sem;
@@ -29,6 +33,9 @@ from .pisa import PisaCheckpoint, branch_deltas, validate_against_unet
 
 PISA_TIMESTEP = 1
 GUIDANCE_MODES = ("merged", "exact")
+PISA_SIZE_MULTIPLE = 8  # the VAE's downsampling factor
+# --size-policy -> the manifest's processing.size_policy
+SIZE_POLICIES = {"pad": "reflect_pad", "floor": "resize_floor"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,13 @@ class PisaSettings:
     scale: int = 4
     process_size: int = 512
     color_fix: str = "adain"
+    size_policy: str = "pad"  # "pad" (exactly scale x the input) | "floor" (upstream's)
+
+    @classmethod
+    def from_manifest(cls, settings: dict) -> "PisaSettings":
+        """The settings an artifact's ``model.settings`` records. Artifacts written before
+        size_policy was a setting all floored, as upstream does."""
+        return cls(**{"size_policy": "floor", **settings})
 
     def validate(self) -> "PisaSettings":
         if self.guidance not in GUIDANCE_MODES:
@@ -50,6 +64,8 @@ class PisaSettings:
             )
         if self.scale < 1:
             raise UserError(f"--scale must be a positive integer, got {self.scale}")
+        if self.size_policy not in SIZE_POLICIES:
+            raise UserError(f"--size-policy {self.size_policy!r} is not one of {', '.join(SIZE_POLICIES)}")
         if self.process_size < 8 * self.scale:
             raise UserError(f"--process-size {self.process_size} is too small; use at least {8 * self.scale} "
                             f"(upstream uses 512)")
@@ -61,8 +77,8 @@ class PisaSettings:
             upscale_filter="bicubic",
             color_fix=self.color_fix,
             min_lr_side=self.process_size // self.scale,
-            size_policy="resize_floor",
-            size_multiple=8,
+            size_policy=SIZE_POLICIES[self.size_policy],
+            size_multiple=PISA_SIZE_MULTIPLE,
         )
 
     def denoise_plan(self) -> dict:
@@ -155,6 +171,7 @@ class PisaReference(nn.Module):
 
     @torch.no_grad()
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
-        """LR (1,3,h,w) in [0,1] -> SR (1,3,scale*h,scale*w) in [0,1]."""
+        """LR (1,3,h,w) in [0,1] -> SR (1,3,scale*h,scale*w) in [0,1] (floored to multiples of 8
+        under size_policy "floor", unless pre-resized: ``Processing.output_size``)."""
         env, prepared = self.stage_tensors(lr)
         return postprocess(env["decoded"], prepared, self.processing)

@@ -69,7 +69,10 @@ class TiledReference:
         env["latent"] = self._vae(per_tile(ref.encode), modules["vae_encoder"], env["image"], stages["encode"])
         env["denoised"] = tiled_apply(per_tile(ref.denoise), env["latent"], stages["denoise"])
         env["decoded"] = self._vae(ref.decode, modules["vae_decoder"], env["denoised"], stages["decode"])
-        assert env["decoded"].shape[-2:] == (height, width) and height % VAE_FACTOR == 0
+        if tuple(env["decoded"].shape[-2:]) != (height, width) or height % VAE_FACTOR or width % VAE_FACTOR:
+            # preprocess sizes the encoder input to a multiple of the VAE factor; the blend keeps it
+            raise RuntimeError(f"tiled decode gave {tuple(env['decoded'].shape[-2:])} for an encoder input of "
+                               f"{(height, width)}; both must be equal multiples of {VAE_FACTOR}")
         return env, prepared
 
     def _vae(self, fn, module: torch.nn.Module, x: torch.Tensor, stage: StageTiling) -> torch.Tensor:

@@ -20,7 +20,7 @@ def reference_for(artifact, base: str | None = None, checkpoint: str | None = No
 
         source = pisa_source_from_manifest(manifest["model"]["source"], base, checkpoint)
         loaded_base, ckpt = source.load()
-        return PisaReference(loaded_base, ckpt, PisaSettings(**manifest["model"]["settings"]))
+        return PisaReference(loaded_base, ckpt, PisaSettings.from_manifest(manifest["model"]["settings"]))
     if kind == "s3diff":
         from ..export.s3diff_recipe import S3DiffSettings
         from ..models.s3diff.reference import S3DiffReference

@@ -10,6 +10,8 @@ fix needs the output only per channel (adain) or within a short reach
   PIL-compatible resize, torch's bilinear upsampling, the resize that floors to
   a size multiple, reflect padding), so one banded matrix per axis maps LR
   pixels to encoder-input pixels and a region is ``W_rows @ lr_window @ W_cols^T``.
+  The sizes of every step come from ``Processing.axis``, the one implementation
+  of the size policies, which ``preprocess`` uses too.
   The composed taps are computed in float64 and rounded once to float32, so a
   region equals ``preprocess``'s pixels to float32 rounding (tested), not bit for bit.
 - ``finish_in_place`` turns the blended decoder canvas into the final image
@@ -25,8 +27,6 @@ back at the end (only for those small inputs) work on whole images.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -35,7 +35,7 @@ from ..kernels import COLOR_FIXES, resize
 from ..kernels.color import WAVELET_LEVELS, wavelet_color_fix
 from ..kernels.resize import _CONVOLUTION_FILTERS  # the filter table `resize` uses: same taps, banded
 from ..kernels.tiling import reflect_indices
-from ..processing import Processing, check_input_size
+from ..processing import Processing, check_input_size, pre_resize
 
 # Rows of halo a wavelet band needs: the five blurs reach 2^0 + ... + 2^4 = 31 rows.
 WAVELET_HALO = 2**WAVELET_LEVELS
@@ -118,7 +118,10 @@ class AxisMap:
         return self._cache[key]
 
     def _block(self, indices: np.ndarray) -> tuple[int, torch.Tensor]:
-        assert indices.min() >= 0 and indices.max() < self.reference_size, "reference index out of range"
+        if indices.min() < 0 or indices.max() >= self.reference_size:
+            # callers map every index into the reference first (UpscaledSource._to_reference)
+            raise ValueError(f"reference indices {int(indices.min())}..{int(indices.max())} are outside "
+                             f"0..{self.reference_size - 1}")
         positions = [int(i) for i in indices]
         matrix = None
         for step in reversed(self.steps):
@@ -147,28 +150,17 @@ class UpscaledSource:
         check_input_size(h, w, p)
         self.processing = p
         self.original_size = (h, w)
-        self.pre_resized = bool(p.min_lr_side) and min(h, w) < p.min_lr_side
-        x = lr
-        if self.pre_resized:  # an LR-sized operation, whole
-            s = p.min_lr_side / min(h, w)
-            x = resize(x, (int(s * h), int(s * w)), p.upscale_filter)
-        self.lr = x
-        self.axes = tuple(self._axis(n, p) for n in x.shape[-2:])
+        self.lr, self.pre_resized = pre_resize(lr, p)  # an LR-sized operation, whole
+        self.axes = tuple(self._axis(n, p) for n in self.lr.shape[-2:])
         self._all_columns = np.arange(self.reference_size[1])
 
     @staticmethod
     def _axis(n: int, p: Processing) -> AxisMap:
-        up = n * p.scale
-        steps = [_Resample(n, up, "torch_bilinear" if p.upscale_filter == "bilinear" else p.upscale_filter)]
-        m = p.size_multiple
-        if p.size_policy == "resize_floor":
-            floored = up // m * m
-            if floored != up:
-                steps.append(_Resample(up, floored, p.upscale_filter))
-            return AxisMap(n, steps, floored, floored)
-        if p.size_policy == "reflect_pad":
-            return AxisMap(n, steps, up + (-up % m), up)
-        raise ValueError(f"unknown size policy {p.size_policy}")
+        sizes = p.axis(n)
+        steps = [_Resample(n, sizes.upscaled, "torch_bilinear" if p.upscale_filter == "bilinear" else p.upscale_filter)]
+        if sizes.reference != sizes.upscaled:  # resize_floor's second resize
+            steps.append(_Resample(sizes.upscaled, sizes.reference, p.upscale_filter))
+        return AxisMap(n, steps, sizes.model, sizes.reference)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -195,7 +187,7 @@ class UpscaledSource:
         """(1, 3, len(rows), len(cols)) of the encoder input in [-1, 1]."""
         rows, cols = (self._to_reference(np.asarray(v), a) for v, a in zip((rows, cols), self.axes))
         region = self._region(rows, cols) * 2.0 - 1.0
-        return region.clamp(-1, 1) if self.processing.size_policy == "reflect_pad" else region
+        return region.clamp(-1, 1) if self.processing.clamps_model_input else region
 
     @staticmethod
     def _to_reference(indices: np.ndarray, axis: AxisMap) -> np.ndarray:
@@ -265,8 +257,7 @@ def finish_in_place(decoded: torch.Tensor, source: UpscaledSource) -> torch.Tens
     elif p.color_fix != "none":
         raise UserError(f"unknown colour fix {p.color_fix!r}; choose one of: {', '.join(COLOR_FIXES)}")
     if source.pre_resized:
-        h, w = source.original_size
-        out = resize(out, (p.scale * h, p.scale * w), p.upscale_filter)
+        out = resize(out, p.output_size(*source.original_size), p.upscale_filter)
     for y0, y1 in _bands(out.shape[-2], out.shape[-1]):
         out[..., y0:y1, :].clamp_(0.0, 1.0)
     return out
@@ -280,7 +271,9 @@ def _wavelet_in_place(out: torch.Tensor, source: UpscaledSource) -> None:
     above = out[..., :0, :].clone()
     for y0, y1 in _bands(height, width):
         top, bottom = max(0, y0 - halo), min(height, y1 + halo)
-        assert above.shape[-2] == y0 - top
+        if above.shape[-2] != y0 - top:  # band_rows keeps every band at least one halo tall
+            raise RuntimeError(f"wavelet band at row {y0} has {above.shape[-2]} rows of halo above, "
+                               f"needs {y0 - top}")
         target = torch.cat([above, out[..., y0:bottom, :]], dim=-2)  # original values
         fixed = wavelet_color_fix(target, source.reference_rows(top, bottom))
         above = out[..., max(0, y1 - halo) : y1, :].clone()
@@ -300,14 +293,7 @@ def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
 
 def upscaled_size(lr_height: int, lr_width: int, p: Processing) -> tuple[int, int]:
     """(H, W) of the encoder input ``preprocess`` makes from an LR image of this size."""
-    h, w = lr_height, lr_width
-    if p.min_lr_side and min(h, w) < p.min_lr_side:
-        s = p.min_lr_side / min(h, w)
-        h, w = int(s * h), int(s * w)
-    m = p.size_multiple
-    if p.size_policy == "resize_floor":
-        return h * p.scale // m * m, w * p.scale // m * m
-    return math.ceil(h * p.scale / m) * m, math.ceil(w * p.scale / m) * m
+    return p.model_size(lr_height, lr_width)
 
 
 __all__ = ["AxisMap", "UpscaledSource", "channel_mean_std", "finish_in_place", "to_uint8_hwc", "upscaled_size"]
