@@ -169,6 +169,57 @@ def test_plan_variants_baselines_per_device():
     assert [v.name for v in plan_variants(["torch"], "cuda", False, "fp32")] == ["torch"]
 
 
+def test_bench_refuses_unknown_backends(demo_artifact, capsys):
+    """An unknown name is a typo, not a backend to skip: exit 2 before anything loads."""
+    from srexport.bench import BenchConfig
+    from srexport.errors import UserError
+
+    assert main(["bench", str(demo_artifact), "--backends", "bogus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err == ("srexport: error: --backends bogus: not a backend srexport bench knows; name one or more of "
+                   "torch, torch-compile, ort, ort-cuda, trt")
+    with pytest.raises(UserError, match=r"--backends onnx,tensorrt: not backends .* torch-compile"):
+        BenchConfig(backends=["ort", "onnx", "tensorrt", "onnx"]).validate()
+    with pytest.raises(UserError, match="torch, torch-compile, ort, ort-cuda, trt"):
+        BenchConfig(backends=[]).validate()
+
+
+def test_bench_fails_when_nothing_besides_the_baseline_ran(demo_artifact, shared_reference, tmp_path, capsys):
+    """trt cannot run here (no TensorRT, no engines): torch,trt compares nothing, trt alone measures nothing."""
+    out_json = tmp_path / "bench.json"
+    args = ["--sizes", "16", "--iters", "1", "--warmup", "0", "--inputs", "1", "--torch-threads", "1"]
+    status = main(["bench", str(demo_artifact), "--backends", "torch,trt", *args, "--json", str(out_json)])
+    text = capsys.readouterr().out
+    assert status == 1, text
+    assert "trt: skipped: " in text and "all parity bounds hold" not in text
+    verdict = text.strip().splitlines()[-2]  # the report's last line; the JSON path follows it
+    assert verdict.startswith("FAILED: only the torch baseline was measured: trt (skipped) could not run here"), text
+    report = json.loads(out_json.read_text())
+    assert not report["passed"] and len(report["failures"]) == 1
+    assert [r["variant"] for r in report["results"]] == ["torch"]  # the baseline's numbers are still reported
+
+    status = main(["bench", str(demo_artifact), "--backends", "trt", *args])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert status == 1 and last.startswith("FAILED: nothing was measured: trt (skipped)"), last
+
+
+def test_nothing_measured_counts_only_requested_variants():
+    from srexport.bench import _nothing_measured, plan_variants
+
+    gpu = plan_variants(["torch"], "cuda", True, "fp16")  # torch-compile added unasked
+    gpu[1].status = "failed"
+    assert _nothing_measured(gpu, ["torch"]) is None  # the baseline alone was asked for, and measured
+    cpu = plan_variants(["torch", "ort", "trt"], "cpu", True, "fp32")
+    cpu[2].status = "skipped"
+    assert _nothing_measured(cpu, ["torch", "ort", "trt"]) is None  # ort ran
+    cpu[1].status = "skipped"
+    assert _nothing_measured(cpu, ["torch", "ort", "trt"]).startswith(
+        "only the torch baseline was measured: ort (skipped), trt (skipped)")
+    cpu[0].status = "skipped"
+    assert _nothing_measured(cpu, ["torch", "ort", "trt"]).startswith("nothing was measured: ort (skipped)")
+
+
 def test_fp16_torch_baseline_casts_a_copy(demo_artifact, demo_reference, one_torch_thread, small_lr):
     """The GPU baseline's runners (fp16 copies, inputs cast in, fp32 out), exercised on CPU;
     the reference's own fp32 modules stay untouched."""

@@ -24,8 +24,13 @@ For every requested backend (and the precision it runs at), at every LR size:
 Variants: ``torch`` is the PyTorch eager baseline (fp32 on CPU; fp16 on a GPU,
 plus ``torch-compile`` fp16 where torch.compile works); every other backend
 runs the artifact's graphs at the artifact's precision through
-``runtime.loading.load_pipeline``. A backend that cannot load here (unknown
-name, missing library, no GPU) is listed as skipped with the reason.
+``runtime.loading.load_pipeline``. An unknown backend name is refused before
+anything runs (``BenchConfig.validate``, exit status 2). A backend that cannot
+load here (missing library, no engines, no GPU) is listed as skipped with the
+reason; a run that measured none of the variants it was asked for besides the
+baseline (say ``--backends torch,trt`` on a CPU) fails (``passed`` false, one
+line in ``failures``, exit status 1): it compared nothing. Asking for the
+baseline alone (``--backends torch``) is a measurement of it and passes.
 
 GPU runners tell the bench where they compute through their ``device``
 attribute (absent means CPU). CUDA events are recorded on the stream the
@@ -60,7 +65,8 @@ seconds, sizes are [width, height], memory is bytes, FLOPs are counts::
                parity: {psnr_db (null = identical), max_abs, rel_l2, inputs_compared,
                         min_psnr, max_abs_bound, passed},
                roofline: {stage: {flops, achieved_tflops, floor_seconds, floor_over_median}}}]
-    failures: [one line per parity bound missed], passed: bool
+    failures: [one line per parity bound missed, or one saying nothing besides the baseline was measured],
+    passed: bool
     STATS = {n, median, p90, mean, min, max, stdev}
 
 ``total`` is the timer's first-stage-start to last-stage-end; ``wall`` adds
@@ -88,6 +94,7 @@ from .errors import UserError
 from .models.group_norm_stats import graph_modules
 from .parity import compare
 from .runtime.pipeline import STAGES, SRPipeline
+from .runtime.runners import BACKENDS
 from .runtime.timing import DeviceMemoryProbe, HostMemoryProbe, make_timer, summarize
 
 SCHEMA = "srexport.bench"
@@ -101,6 +108,8 @@ COMPONENT_STAGE = {"degradation": "degradation", "vae_encoder": "encode", "vae_d
                    "vae_encoder_stats": "encode", "vae_encoder_pooled": "encode",
                    "vae_decoder_stats": "decode", "vae_decoder_pooled": "decode"}
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+# What --backends accepts: the runtime's backends plus the torch.compile baseline.
+BENCH_BACKENDS = ("torch", "torch-compile", *(b for b in BACKENDS if b != "torch"))
 
 
 def stage_of(component: str) -> str:
@@ -135,7 +144,11 @@ class BenchConfig:
         if self.iters < 1 or self.warmup < 0 or self.inputs < 1:
             raise UserError("--iters and --inputs must be at least 1 and --warmup at least 0")
         if not self.backends:
-            raise UserError("--backends is empty; name at least one of torch, ort, ort-cuda, trt")
+            raise UserError(f"--backends is empty; name at least one of {', '.join(BENCH_BACKENDS)}")
+        unknown = [b for b in dict.fromkeys(self.backends) if b not in BENCH_BACKENDS]
+        if unknown:
+            raise UserError(f"--backends {','.join(unknown)}: not {'a backend' if len(unknown) == 1 else 'backends'} "
+                            f"srexport bench knows; name one or more of {', '.join(BENCH_BACKENDS)}")
         if not self.sizes or any(w < 1 or h < 1 for w, h in self.sizes):
             raise UserError("--sizes must list positive LR sizes, e.g. 128,512 or 96x128")
         if self.timer not in ("auto", "host"):
@@ -456,7 +469,25 @@ def _run_bench(artifact_path, config: BenchConfig, log) -> dict:
     report["variants"] = [v.to_dict() for v in variants]
     report["sizes"] = [size_info[s["lr"]] for s in sizes if s["lr"] in size_info]
     _derive(report, peaks)
+    nothing = _nothing_measured(variants, config.backends)
+    if nothing:
+        report["failures"].append(nothing)
+        report["passed"] = False
     return report
+
+
+def _nothing_measured(variants: list[Variant], requested: list[str]) -> str | None:
+    """The failure line for a run that measured none of the requested variants besides the
+    baseline (None if it measured one, or was asked for the baseline alone). The baseline's
+    own torch.compile companion, added unasked on a GPU, does not count as requested."""
+    wanted = [v for v in variants if not v.baseline and v.name in requested]
+    if not wanted or any(v.status == "ok" for v in wanted):
+        return None
+    baseline = next((v for v in variants if v.baseline and v.status == "ok"), None)
+    missed = ", ".join(f"{v.name} ({v.status})" for v in wanted)
+    measured = f"only the {baseline.name} baseline was measured" if baseline else "nothing was measured"
+    return (f"{measured}: {missed} could not run here (reasons above); name a backend this machine runs, "
+            f"e.g. ort")
 
 
 def _one_line(e: BaseException) -> str:

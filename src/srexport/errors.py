@@ -21,3 +21,11 @@ class QualityError(UserError):
     """Converted graphs that miss their bound against the fp32 reference. Message is one line."""
 
     exit_code = 3
+
+
+class InputTypeError(UserError, TypeError):
+    """An argument of the wrong type or dtype (a Python API caller's ``except TypeError`` sees it too)."""
+
+
+class InputValueError(UserError, ValueError):
+    """An argument of the right type with a wrong shape, size or value range (also a ``ValueError``)."""

@@ -175,7 +175,11 @@ def resize(images: torch.Tensor, size: tuple[int, int], filter: str = "bicubic")
 
     Note the order: (height, width) like ``F.interpolate``, not PIL's (width, height).
     """
-    assert images.ndim == 4 and images.is_floating_point(), "expected float (B, C, H, W)"
+    if images.ndim != 4:
+        raise ValueError(f"resize takes (B, C, H, W) images, not shape {tuple(images.shape)}; add the missing "
+                         "dimensions (e.g. image[None])")
+    if not images.is_floating_point():
+        raise TypeError(f"resize takes float images, not {images.dtype}; convert first (e.g. image.float() / 255)")
     _check_filter(filter)
     out_h, out_w = (int(s) for s in size)
     in_h, in_w = images.shape[-2:]

@@ -84,9 +84,13 @@ def extract_tiles(
     """Cut a (1, C, H, W) image into (N, C, tile_h, tile_w) tiles at ``origins``.
 
     Tiles running past the image are filled by ``pad_mode``: "replicate" or "reflect"."""
-    assert image.ndim == 4 and image.shape[0] == 1, "extract_tiles takes one image (1, C, H, W)"
-    assert origins and all(y >= 0 and x >= 0 for y, x in origins), "origins must be non-negative"
-    assert pad_mode in ("replicate", "reflect"), f"unknown pad mode {pad_mode!r}"
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError(f"extract_tiles takes one image (1, C, H, W), not shape {tuple(image.shape)}; "
+                         "cut each image of a batch separately")
+    if not origins or any(y < 0 or x < 0 for y, x in origins):
+        raise ValueError(f"extract_tiles needs at least one origin, all non-negative; got {list(origins)[:4]}")
+    if pad_mode not in ("replicate", "reflect"):
+        raise ValueError(f"unknown pad mode {pad_mode!r}; use replicate or reflect")
     height, width = image.shape[-2:]
     canvas_h, canvas_w = _canvas_size(origins, height, width, tile_h, tile_w)
     if (canvas_h, canvas_w) != (height, width):
@@ -133,8 +137,12 @@ def blend_tiles(
     weights: torch.Tensor,
 ) -> torch.Tensor:
     """Join (N, C, th, tw) tiles into a (1, C, H, W) image: sum(w * tile) / sum(w)."""
-    assert tiles.ndim == 4 and tiles.shape[0] == len(origins), "one tile per origin"
-    assert tuple(tiles.shape[-2:]) == tuple(weights.shape), "weights must have the tile shape"
+    if tiles.ndim != 4 or tiles.shape[0] != len(origins):
+        raise ValueError(f"blend_tiles needs (N, C, th, tw) tiles, one per origin; got shape {tuple(tiles.shape)} "
+                         f"for {len(origins)} origins")
+    if tuple(tiles.shape[-2:]) != tuple(weights.shape):
+        raise ValueError(f"blend weights of shape {tuple(weights.shape)} do not match tiles of "
+                         f"{tuple(tiles.shape[-2:])}; make them with the tile's shape")
     weights = weights.to(tiles.device, tiles.dtype)
     weighted, weight_total = _accumulate(tiles, origins, height, width, weights)
     return weighted / weight_total

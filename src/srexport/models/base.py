@@ -161,7 +161,9 @@ def demo_tokenizer():
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    assert len(vocab) == configs.DEMO_TOKENIZER_VOCAB_SIZE
+    if len(vocab) != configs.DEMO_TOKENIZER_VOCAB_SIZE:  # the demo text encoder's embedding is sized by it
+        raise RuntimeError(f"the demo tokenizer has {len(vocab)} tokens, but configs.DEMO_TOKENIZER_VOCAB_SIZE is "
+                           f"{configs.DEMO_TOKENIZER_VOCAB_SIZE}; update one to match the other")
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "vocab.json").write_text(json.dumps(vocab))
         (Path(d) / "merges.txt").write_text("#version: 0.2\n")

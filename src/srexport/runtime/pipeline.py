@@ -11,6 +11,22 @@ batches, blended with Gaussian weights, at a memory set by the tile size.
 ``tiled=False`` (``--no-tile``) runs whole images up to the manifest's
 ``untiled_max_megapixels``. An image within one tile runs whole either way.
 
+Inputs (``as_lr_tensor``): a (1,3,h,w) float tensor in [0,1] or an HxWx3 uint8
+numpy array; float16, bfloat16 and float64 tensors are converted to float32.
+Anything else (another type or dtype, a missing or extra dimension, channels
+last, a batch of several images, a side below the model's minimum, NaN or Inf,
+values outside [0,1]) is refused with one ``UserError`` line that is also a
+``TypeError`` (type, dtype) or ``ValueError`` (shape, size, values) and names
+the fix.
+
+Greyscale (``grey_output``): by default an input whose three channels are
+identical (runtime/images.py loads a greyscale file as L replicated to RGB)
+gives an output whose three channels are the luma of the result, BT.601
+``0.299 R + 0.587 G + 0.114 B`` (Pillow's ``convert("L")``): the networks add
+colour casts to grey photos. ``grey_output = "color"`` keeps the colour output.
+The rule belongs to ``__call__``/``upscale``; ``run_stages`` returns what the
+networks make, which is what parity against the reference measures.
+
 Thread safety: one pipeline serialises its calls with a lock (runners may
 hold per-call buffers). A service that wants parallelism keeps one pipeline
 per worker.
@@ -18,19 +34,136 @@ per worker.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ..errors import InputTypeError, InputValueError
 from ..processing import Processing, postprocess, preprocess
 from . import tiling as tiling_
-from .regions import UpscaledSource, finish_in_place, upscaled_size
+from .regions import UpscaledSource, band_rows, finish_in_place, upscaled_size
 from .runners import Runner
 from .timing import HostTimer, Timer
 
 STAGES = ("preprocess", "degradation", "encode", "denoise", "decode", "postprocess")
+
+EXPECTED_INPUT = "a (1,3,h,w) float tensor in [0,1] or an HxWx3 uint8 numpy array"
+# Converted to float32 rather than refused: exact (or, for float64, a rounding the
+# float32 graphs would make anyway), and the layout is already unambiguous.
+CONVERTED_DTYPES = (torch.float16, torch.bfloat16, torch.float64)
+GREY_OUTPUTS = ("auto", "color")  # see the module docstring
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, as Pillow's convert("L")
+_NO_TILING = ("tiled=True needs an artifact with a tiling section and this one has none; pass tiled=False, or "
+              "rebuild the artifact with this srexport")
+
+
+def _array_hint(array: np.ndarray) -> str:
+    if array.dtype.kind == "f":
+        return "; for a float HxWx3 array in [0,1] pass torch.from_numpy(a).permute(2, 0, 1)[None]"
+    if array.dtype.kind in "ui":
+        return "; rescale it to 0..255 and convert with a.astype(np.uint8)"
+    return ""
+
+
+def _array_shape_hint(shape: tuple[int, ...]) -> str:
+    if len(shape) == 2:
+        return "; a greyscale HxW array becomes one with np.repeat(a[..., None], 3, axis=2)"
+    if len(shape) == 3 and shape[-1] == 4:
+        return "; drop the alpha channel: a[..., :3]"
+    if len(shape) == 3 and shape[0] == 3:
+        return "; a 3xHxW array becomes one with a.transpose(1, 2, 0)"
+    return ""
+
+
+def _tensor_shape_hint(shape: tuple[int, ...]) -> str:
+    if len(shape) == 3 and shape[0] == 3:
+        return "; add the batch dimension: lr[None]"
+    if len(shape) == 3 and shape[-1] == 3:
+        return "; an HxWx3 tensor becomes one with lr.permute(2, 0, 1)[None]"
+    if len(shape) == 2:
+        return "; a greyscale HxW tensor becomes one with lr.expand(1, 3, -1, -1)"
+    if len(shape) == 4 and shape[0] != 1 and shape[1] == 3:
+        return "; one image per call: run lr[i:i + 1] for each i"
+    if len(shape) == 4 and shape[-1] == 3:
+        return "; a channels-last tensor becomes one with lr.permute(0, 3, 1, 2)"
+    if len(shape) == 4 and shape[1] == 1:
+        return "; a greyscale (1,1,h,w) tensor becomes one with lr.expand(-1, 3, -1, -1)"
+    if len(shape) == 4 and shape[1] == 4:
+        return "; drop the alpha channel: lr[:, :3]"
+    return ""
+
+
+def as_lr_tensor(lr, processing: Processing) -> torch.Tensor:
+    """Check one LR image against the pipeline's input contract (module docstring) and return
+    it as a (1,3,h,w) float32 tensor on its device. Raises a one-line ``InputTypeError`` /
+    ``InputValueError`` naming the expected type, shape, dtype and range, and the fix."""
+    if isinstance(lr, np.ndarray):
+        if lr.dtype != np.uint8:
+            raise InputTypeError(f"the image is a {lr.dtype} numpy array; pass {EXPECTED_INPUT}{_array_hint(lr)}")
+        if lr.ndim != 3 or lr.shape[-1] != 3:
+            raise InputValueError(f"the image array has shape {lr.shape}; pass {EXPECTED_INPUT}"
+                                  f"{_array_shape_hint(lr.shape)}")
+        # ascontiguousarray: torch.from_numpy refuses negative strides (a flipped view)
+        lr = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float() / 255.0
+    elif not isinstance(lr, torch.Tensor):
+        raise InputTypeError(
+            f"the image is a {type(lr).__module__}.{type(lr).__qualname__}; pass {EXPECTED_INPUT} (for a PIL "
+            "image or an image file, use pipeline.upscale(...) or srexport.runtime.images.load_image(path))")
+    if lr.dtype in CONVERTED_DTYPES:
+        lr = lr.float()
+    elif lr.dtype != torch.float32:
+        hint = "; an 8-bit tensor becomes one with lr.float() / 255" if lr.dtype == torch.uint8 else ""
+        raise InputTypeError(f"the image is a {lr.dtype} tensor; pass {EXPECTED_INPUT}{hint}")
+    shape = tuple(lr.shape)
+    if len(shape) != 4 or shape[:2] != (1, 3):
+        raise InputValueError(f"the image tensor has shape {shape}; pass {EXPECTED_INPUT}{_tensor_shape_hint(shape)}")
+    height, width = shape[-2:]
+    if min(height, width) < processing.min_input_side():
+        raise InputValueError(
+            f"the image is {width}x{height} pixels; pass {EXPECTED_INPUT} with h and w at least "
+            f"{processing.min_input_side()} pixels, this model's smallest side at x{processing.scale}")
+    low, high = (float(v) for v in torch.aminmax(lr))  # NaN propagates into both
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise InputValueError(f"the image holds NaN or Inf values; pass {EXPECTED_INPUT} with finite values "
+                              "(torch.nan_to_num(lr).clamp(0, 1) if they are expected)")
+    if low < 0 or high > 1:
+        # Guess the cause from the span: a slight overshoot (a resampled image) is not a 0..255 image.
+        if low >= 0 and 1.5 < high <= 255:
+            fix = "it looks like 0..255: divide by 255"
+        elif -1 <= low < -0.5 and high <= 1:
+            fix = "it looks like [-1,1]: use lr * 0.5 + 0.5"
+        else:
+            fix = "rescale it to [0,1], or clamp a resampling overshoot with lr.clamp(0, 1)"
+        raise InputValueError(f"the image's values span [{low:.4g}, {high:.4g}]; pass {EXPECTED_INPUT}: {fix}")
+    return lr
+
+
+def is_grey(lr: torch.Tensor) -> bool:
+    """Whether a (1,3,h,w) image's three channels are identical (exactly: a greyscale photo
+    replicated to RGB; a colour photo of a grey scene is colour)."""
+    return torch.equal(lr[:, 0], lr[:, 1]) and torch.equal(lr[:, 0], lr[:, 2])
+
+
+def luma_in_place(image: torch.Tensor) -> torch.Tensor:
+    """Every channel of a (1,3,H,W) image in [0,1] set to its BT.601 luma, band by band so a
+    large output needs no full-size temporary."""
+    height, width = image.shape[-2:]
+    step = band_rows(width)
+    r, g, b = LUMA_WEIGHTS
+    for y0 in range(0, height, step):
+        band = image[0, :, y0:y0 + step]
+        luma = (band[0] * r).add_(band[1], alpha=g).add_(band[2], alpha=b).clamp_(0, 1)
+        band.copy_(luma.expand_as(band))
+    return image
+
+
+def check_grey_output(value: str) -> str:
+    if not isinstance(value, str) or value not in GREY_OUTPUTS:
+        raise InputValueError(f"grey_output {value!r} is not one of {', '.join(GREY_OUTPUTS)}")
+    return value
 
 
 @dataclass
@@ -52,13 +185,29 @@ class SRPipeline:
         self.tiling = tiling_.manifest_tiling(manifest)  # None: an artifact without a tiling section
         self.tiled = self.tiling is not None if tiled is None else bool(tiled)  # the default for calls
         if self.tiled and self.tiling is None:
-            raise ValueError("tiled=True needs an artifact with a tiling section")
+            raise InputValueError(_NO_TILING)
         # Whole-image runs are refused above this many output megapixels (None: no limit).
         self.untiled_max_megapixels = self.tiling.untiled_max_megapixels if self.tiling else None
         if self.tiling is not None:
             self.use_vae_norm(self.tiling.vae_norm)
         self.progress: tiling_.Progress | None = None  # (stage, tiles done, tiles in stage), e.g. a tqdm
+        self.grey_output = "auto"  # GREY_OUTPUTS; a call's keyword overrides it
         self._lock = threading.Lock()
+
+    @property
+    def grey_output(self) -> str:
+        """What a greyscale input gives: "auto" (the luma of the result in all three channels,
+        BT.601 0.299 R + 0.587 G + 0.114 B) or "color" (the networks' colour output)."""
+        return self._grey_output
+
+    @grey_output.setter
+    def grey_output(self, value: str) -> None:
+        self._grey_output = check_grey_output(value)
+
+    def check_input(self, lr) -> torch.Tensor:
+        """``lr`` checked against the input contract (``as_lr_tensor``), as a float32 tensor: a
+        service can refuse a bad request before queueing it."""
+        return as_lr_tensor(lr, self.processing)
 
     def use_vae_norm(self, method: str) -> None:
         """Tiled VAE GroupNorm statistics for later calls: "per-tile" (any artifact) or "two-pass"
@@ -119,7 +268,7 @@ class SRPipeline:
         height, width = upscaled_size(lr_height, lr_width, self.processing)
         if tiled:
             if self.tiling is None:
-                raise ValueError("tiled=True needs an artifact with a tiling section")
+                raise InputValueError(_NO_TILING)
             return not self.tiling.fits_one_tile(height, width)
         if self.untiled_max_megapixels is not None:
             tiling_.check_untiled(height, width, self.untiled_max_megapixels)
@@ -138,12 +287,19 @@ class SRPipeline:
     def run_stages(self, lr: torch.Tensor, timer: Timer | None = None, tiled: bool | None = None) -> StageOutputs:
         """LR (1,3,h,w) float in [0,1] -> every named tensor, timed per stage.
 
+        ``lr`` is checked (and converted) as ``__call__``'s; the greyscale rule is not applied:
+        ``output`` is what the networks make.
+
         ``timer`` (runtime.timing) measures the stages: by default host
         perf_counter; ``srexport bench`` passes CUDA events on the runners' stream.
         ``tiled`` overrides the pipeline's default (``self.tiled``). A tiled run keeps
         ``lr_image``, ``scores`` (S3Diff), ``latent``, ``denoised`` and ``output`` (the
         full-size ``image`` and ``decoded`` never exist: tiles are made and finished in place).
         """
+        lr = self.check_input(lr)
+        return self._run_stages(lr, timer, tiled)
+
+    def _run_stages(self, lr: torch.Tensor, timer: Timer | None, tiled: bool | None) -> StageOutputs:
         if self.will_tile(*lr.shape[-2:], tiled=tiled):
             return self._run_tiled(lr, timer if timer is not None else HostTimer())
         out = StageOutputs()
@@ -238,16 +394,37 @@ class SRPipeline:
         return tiling_.run_stage(stage, grid, read, compute(component, output), canvas, self.progress, timer,
                                  read_stage)
 
-    def __call__(self, lr) -> torch.Tensor:
-        """Upscale one image: (1,3,h,w) tensor or HxWx3 uint8 array -> (1,3,H,W) in [0,1]."""
-        if isinstance(lr, np.ndarray):
-            lr = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255.0
+    def __call__(self, lr, grey_output: str | None = None) -> torch.Tensor:
+        """Upscale one image: a (1,3,h,w) float tensor in [0,1] (float16, bfloat16 and float64
+        are converted to float32) or an HxWx3 uint8 numpy array -> (1,3,H,W) float32 in [0,1],
+        on the tensor's device (CPU for an array). Other inputs are refused with one line naming
+        the fix (module docstring). ``grey_output`` ("auto" | "color") overrides
+        ``self.grey_output`` for this call: with "auto" a greyscale input (identical channels)
+        gives its result's BT.601 luma (0.299 R + 0.587 G + 0.114 B) in all three channels."""
+        grey_output = self.grey_output if grey_output is None else check_grey_output(grey_output)
+        lr = self.check_input(lr)
         with self._lock:
+            output = self._run_stages(lr, None, None).tensors["output"]
+            if grey_output == "auto" and is_grey(lr):
+                luma_in_place(output)  # on the runners' device, before the download
             # The one download: the result comes back on the caller's device.
-            return self.run_stages(lr).tensors["output"].to(lr.device)
+            return output.to(lr.device)
 
-    def upscale(self, image):
-        """PIL image in, PIL image out (RGB, 8-bit)."""
-        from .images import pil_to_tensor, tensor_to_pil
+    def upscale(self, image, grey_output: str | None = None):
+        """A PIL image, or the path of an image file (read by ``runtime.images.load_image``), in;
+        a PIL RGB 8-bit image out. ``grey_output`` as for ``__call__``."""
+        from pathlib import Path
 
-        return tensor_to_pil(self(pil_to_tensor(image)))
+        from PIL import Image
+
+        from .images import load_image, pil_to_tensor, tensor_to_pil
+
+        if isinstance(image, (str, Path)):
+            lr = load_image(image)
+        elif isinstance(image, Image.Image):
+            lr = pil_to_tensor(image)
+        else:
+            raise InputTypeError(
+                f"upscale takes a PIL image or an image file's path, not a {type(image).__module__}."
+                f"{type(image).__qualname__}; for {EXPECTED_INPUT} call the pipeline itself: pipeline(lr)")
+        return tensor_to_pil(self(lr, grey_output=grey_output))

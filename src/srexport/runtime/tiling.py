@@ -152,7 +152,9 @@ class StageTiling:
         return TileGrid(height, width, tile_h, tile_w, tuple(rows), tuple(cols))
 
     def out(self, n: int) -> int:
-        assert n * self.up % self.down == 0, f"{n} px is not a whole number of output pixels"
+        if n * self.up % self.down:
+            raise ValueError(f"{n} px at {self.up}/{self.down} is not a whole number of output pixels; tile "
+                             "geometry must be a multiple of the stage's downscale")
         return n * self.up // self.down
 
 
