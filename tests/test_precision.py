@@ -108,9 +108,16 @@ def test_fp16_runs_in_onnxruntime_cpu_and_as_fp16_rounding_twin(fp16, reference)
     rounds every fp16 tensor (the GPU-like number); that one is the larger."""
     record = fp16.manifest["checks"]["precision"]
     ort, twin = record["onnxruntime_cpu"], record["fp16_rounding"]
+    bounds = fp16.manifest["checks"]["bounds"]["components"]
     for name in fp16.components:
         assert 0 < ort["components"][name]["rel_l2"] <= twin["components"][name]["rel_l2"] * 1.5
         assert twin["components"][name]["rel_l2"] < 1e-2
+        # the bound: the output with this graph alone converted; one graph costs less than all of them
+        for way in (ort, twin):
+            alone = way["components"][name]["output_psnr_db"]
+            assert bounds[name]["min_output_psnr"] == 40.0 and alone >= 40.0
+            assert alone >= way["end_to_end"]["min_psnr_db"] - 1.0
+        assert twin["components"][name]["output_psnr_db"] <= ort["components"][name]["output_psnr_db"] + 1.0
     assert twin["end_to_end"]["min_psnr_db"] <= ort["end_to_end"]["min_psnr_db"] + 1.0
     assert twin["end_to_end"]["min_psnr_db"] >= 40.0 and twin["end_to_end"]["min_ssim"] > 0.99
 
@@ -170,7 +177,9 @@ def test_int8_error_recorded_against_fp32(int8, fp16):
     assert int8.manifest["export"]["precision"] == "int8"
     assert record["calibration"]["size"] == CALIB.size and record["calibration"]["lr_tile"] == CALIB.lr_tile
     assert any("held out" in name for name in record["inputs"])
-    assert int8.manifest["checks"]["bounds"]["end_to_end_min_psnr"] == 30.0
+    bounds = int8.manifest["checks"]["bounds"]
+    assert bounds["end_to_end_min_psnr"] == 30.0 and bounds["component_rel_l2"] is None
+    assert bounds["components"] == {c: {"min_output_psnr": 30.0} for c in int8.components}
     assert isinstance(record["bound_failures"], list)
     for way in ("onnxruntime_cpu", "fp16_rounding"):
         r = record[way]
@@ -180,6 +189,7 @@ def test_int8_error_recorded_against_fp32(int8, fp16):
         # int8 costs more than fp16, per component and end to end
         f = fp16.manifest["checks"]["precision"][way]
         assert all(r["components"][c]["rel_l2"] > f["components"][c]["rel_l2"] for c in r["components"])
+        assert all(r["components"][c]["output_psnr_db"] < f["components"][c]["output_psnr_db"] for c in r["components"])
         assert r["end_to_end"]["mean_psnr_db"] < f["end_to_end"]["mean_psnr_db"]
 
 
@@ -300,16 +310,91 @@ def test_build_defaults_to_fp16_and_takes_calibration_flags():
 
 
 def test_check_uses_the_artifacts_precision_bounds(fp16, capsys, tmp_path):
-    """check on an fp16 artifact: the manifest's fp16 bounds (rel L2, PSNR), SSIM, and both the
-    onnxruntime CPU run and the fp16-rounding twin; a missed bound ends with status 1."""
+    """check on an fp16 artifact: the manifest's fp16 bounds (output PSNR with each graph alone,
+    end-to-end PSNR), SSIM, and both the onnxruntime CPU run and the fp16-rounding twin; a missed
+    bound ends with status 1."""
     from srexport.cli import main
 
     report = tmp_path / "check.json"
     assert main(["check", str(fp16.folder), "--json", str(report), "--min-psnr", "200"]) == 1
     out = capsys.readouterr().out
-    assert "fp16 graphs" in out and "rel_l2 <= 0.01" in out and "SSIM" in out and "fp16 rounding" in out
+    assert "fp16 graphs" in out and "output PSNR with each graph alone >= 40 dB" in out and "rel_l2 <=" not in out
+    assert "SSIM" in out and "fp16 rounding" in out
     data = json.loads(report.read_text())
-    assert data["precision"] == "fp16" and data["max_abs"] is None and data["max_rel_l2"] == 1e-2
+    assert data["precision"] == "fp16" and data["max_abs"] is None and data["max_rel_l2"] is None
+    assert data["min_output_psnr"] == {c: 40.0 for c in fp16.components}
     assert len(data["images"]) == 2 and all(r["end_to_end"]["ssim"] > 0.99 for r in data["images"])
     assert all(r["end_to_end"]["psnr_db"] >= 40.0 for r in data["images"])
-    assert all("PSNR" in f and "< 200" in f for f in data["failures"])
+    assert all(c["output_psnr_db"] >= 40.0 for r in data["images"] for c in r["components"].values())
+    assert data["failures"] and all("end-to-end PSNR" in f and "< 200" in f for f in data["failures"])
+
+
+def test_check_tiles_both_ways_and_leaves_no_temporary_folder(fp16, tmp_path, monkeypatch, capsys, small_lr):
+    """check on an image of 12 tiles per stage: the tiled comparison for the artifact's graphs and
+    for their fp16-rounding twins, progress lines on stderr, the JSON written, and the twins'
+    temporary folder gone afterwards, also when the check fails half-way."""
+    import tempfile
+
+    from srexport import checking
+    from srexport.cli import main
+    from srexport.export.artifact import read_manifest, write_manifest
+    from srexport.runtime.images import save_image
+    from srexport.runtime.tiling import TilingSettings, tiling_section
+
+    folder = tmp_path / "small-tiles"
+    shutil.copytree(fp16.folder, folder)
+    manifest = read_manifest(folder)
+    manifest["tiling"] = tiling_section(TilingSettings(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16))
+    write_manifest(folder, manifest)
+    image = save_image(small_lr, tmp_path / "lr.png")
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    report = tmp_path / "check.json"
+    assert main(["check", str(folder), str(image), "--json", str(report)]) == 0
+    assert list(temp.iterdir()) == []
+    err = capsys.readouterr().err
+    assert "ort, fp16 rounding: loading the graphs" in err and "fp32 PyTorch reference, tiled" in err
+    data = json.loads(report.read_text())
+    assert [r["image"] for r in data["images"]] == ["lr.png [ort]", "lr.png [ort, fp16 rounding]"]
+    ort, twin = data["images"]
+    for r in (ort, twin):
+        assert r["tiled"]["tiles"] == {"encode": 12, "denoise": 12, "decode": 12}
+        assert "tiled run (encode 12, denoise 12, decode 12 tiles)" in err
+        assert r["tiled"]["psnr_db"] >= 40.0 and r["tiled_vs_whole"]["psnr_db"] < r["tiled"]["psnr_db"]
+        assert all(c["output_psnr_db"] >= 40.0 for c in r["components"].values())
+    assert twin["tiled"]["psnr_db"] < ort["tiled"]["psnr_db"]  # rounding every fp16 tensor costs more
+    assert ort["tiled_vs_whole"] == twin["tiled_vs_whole"]  # the same references, computed once
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("half-way")
+
+    monkeypatch.setattr(checking, "check_image", fails)
+    with pytest.raises(RuntimeError, match="half-way"):
+        main(["check", str(folder), str(image)])
+    assert list(temp.iterdir()) == []
+
+
+def test_bounds_are_per_component_from_the_specs():
+    """fp16/int8 bound each graph on the output with it alone converted: its spec's bound, else
+    the end-to-end bound of the precision it is converted to (S3Diff's estimator stays fp16 in
+    int8 builds); fp32 keeps graph-vs-module max abs."""
+    import dataclasses
+
+    from srexport.calibration.precision import bounds_for, bounds_of
+    from srexport.export.s3diff_recipe import S3DiffSettings, s3diff_specs
+
+    specs = s3diff_specs(S3DiffSettings())
+    assert bounds_for("fp32", specs) == {"component_max_abs": 1e-3, "component_rel_l2": None,
+                                         "end_to_end_min_psnr": 50.0, "precision": "fp32"}
+    int8 = bounds_for("int8", specs)
+    assert int8["components"] == {"degradation": {"min_output_psnr": 40.0}, "vae_encoder": {"min_output_psnr": 30.0},
+                                  "unet": {"min_output_psnr": 30.0}, "vae_decoder": {"min_output_psnr": 30.0}}
+    specs["unet"] = dataclasses.replace(specs["unet"], min_output_psnr={"fp16": 45.0})
+    assert bounds_for("fp16", specs)["components"]["unet"] == {"min_output_psnr": 45.0}
+    assert bounds_for("int8", specs)["components"]["unet"] == {"min_output_psnr": 30.0}
+    # an artifact's recorded bounds win; one without them gets its precision's defaults
+    manifest = {"export": {"precision": "fp16"}, "components": {n: {"spec": s.to_dict()} for n, s in specs.items()}}
+    assert bounds_of(manifest)["components"]["unet"] == {"min_output_psnr": 45.0}
+    assert bounds_of(dict(manifest, checks={"bounds": {"end_to_end_min_psnr": 40.0, "component_rel_l2": 1e-2}})) == {
+        "end_to_end_min_psnr": 40.0, "component_rel_l2": 1e-2}

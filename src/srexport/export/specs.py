@@ -91,6 +91,12 @@ class ComponentSpec:
     # The spatial granularity the graph needs (pixels at output resolution).
     size_multiple: int = VAE_FACTOR
     extra: dict = field(default_factory=dict, compare=False)
+    # A converted (fp16/int8) graph's bound, by precision: the least PSNR (dB, output in [0,1])
+    # of the pipeline's output with only this graph converted, against the fp32 reference.
+    # Unset: the end-to-end bound of the precision it is converted to (calibration/precision.py).
+    # Not its own output's error: how much of that reaches the image differs per graph
+    # (S3Diff's UNet returns z0 = (z - sqrt(1-a) eps) / sqrt(a), 14.6x its eps error at t=999).
+    min_output_psnr: dict[str, float] = field(default_factory=dict, compare=False)
 
     @property
     def input_names(self) -> list[str]:
@@ -127,6 +133,8 @@ class ComponentSpec:
         }
         if self.extra:
             d["extra"] = self.extra
+        if self.min_output_psnr:
+            d["min_output_psnr"] = dict(self.min_output_psnr)
         return d
 
     @classmethod
@@ -138,6 +146,7 @@ class ComponentSpec:
             d.get("description", ""),
             d.get("size_multiple", VAE_FACTOR),
             d.get("extra", {}),
+            d.get("min_output_psnr", {}),
         )
 
 

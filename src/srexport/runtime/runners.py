@@ -36,7 +36,8 @@ class OnnxRuntimeRunner:
     backend = "ort"
     device = CPU
 
-    def __init__(self, path, spec: ComponentSpec, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, path, spec: ComponentSpec, providers: list[str] | None = None, threads: int | None = None,
+                 arena: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -47,6 +48,9 @@ class OnnxRuntimeRunner:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
+        # The CPU arena grows per session to the largest run seen and never shrinks: fastest for
+        # one shape, but a caller running many shapes and sessions (check) holds each one's peak.
+        options.enable_cpu_mem_arena = arena
         self.spec = spec
         self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
@@ -73,9 +77,9 @@ class TorchRunner:
         return dict(zip(self.spec.output_names, outs))
 
 
-def ort_runners(artifact, threads: int | None = None) -> dict[str, Runner]:
+def ort_runners(artifact, threads: int | None = None, arena: bool = True) -> dict[str, Runner]:
     return {
-        name: OnnxRuntimeRunner(artifact.component_file(name), spec, threads=threads)
+        name: OnnxRuntimeRunner(artifact.component_file(name), spec, threads=threads, arena=arena)
         for name, spec in artifact.components.items()
     }
 
