@@ -342,22 +342,40 @@ def test_artifact_file_modified_is_refused(artifact_copy, tmp_path, capsys):
     data[-1] ^= 0x01  # same size, different content
     graph.write_bytes(bytes(data))
     image = write_image(tmp_path / "in.png")
-    for argv in (["run", str(artifact_copy), str(image), "-o", str(tmp_path / "out.png")],
-                 ["inspect", str(artifact_copy)]):
-        user_error(main(argv), capsys, "vae_decoder.onnx", "sha256", "rebuild")
+    rc = main(["run", str(artifact_copy), str(image), "-o", str(tmp_path / "out.png")])
+    user_error(rc, capsys, "vae_decoder.onnx", "sha256", "rebuild")
     assert not (tmp_path / "out.png").exists()
+    damaged_but_shown(artifact_copy, capsys, "vae_decoder.onnx does not match its sha256")
 
 
-def test_artifact_file_truncated_is_refused(artifact_copy, capsys):
+def damaged_but_shown(artifact: Path, capsys, *words: str) -> None:
+    """``inspect`` shows a damaged artifact (that is how one is diagnosed), lists each damaged
+    file, and exits 1."""
+    assert main(["inspect", str(artifact)]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith(f"artifact   {artifact}") and "components" in out
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("srexport: error: 1 of 3 files") and "rebuild" in lines[-1], err
+    for word in words:
+        assert word in lines[0], (word, err)
+
+
+def test_artifact_file_truncated_is_refused(artifact_copy, tmp_path, capsys):
     graph = artifact_copy / "unet.onnx"
     data = graph.read_bytes()
     graph.write_bytes(data[: len(data) // 2])
-    user_error(main(["inspect", str(artifact_copy)]), capsys, "unet.onnx", "sha256")
+    rc = main(["check", str(artifact_copy)])
+    user_error(rc, capsys, "unet.onnx", "sha256")
+    damaged_but_shown(artifact_copy, capsys, "unet.onnx", "sha256")
 
 
-def test_artifact_file_missing(artifact_copy, capsys):
+def test_artifact_file_missing(artifact_copy, tmp_path, capsys):
     (artifact_copy / "vae_encoder.onnx").unlink()
-    user_error(main(["inspect", str(artifact_copy)]), capsys, "missing vae_encoder.onnx", "rebuild")
+    image = write_image(tmp_path / "in.png")
+    rc = main(["run", str(artifact_copy), str(image), "-o", str(tmp_path / "out.png")])
+    user_error(rc, capsys, "missing vae_encoder.onnx", "rebuild")
+    damaged_but_shown(artifact_copy, capsys, "vae_encoder.onnx is missing")
 
 
 def test_artifact_without_manifest(artifact_copy, tmp_path, capsys):
@@ -460,16 +478,19 @@ def test_run_output_folder_missing(artifact, tmp_path, capsys):
     assert not (tmp_path / "nope").exists()
 
 
-@pytest.mark.parametrize("force", [False, True])
-def test_run_output_is_a_folder(artifact, tmp_path, capsys, force):
-    image = write_image(tmp_path / "in.png")
-    (tmp_path / "out.png").mkdir()
-    (tmp_path / "out.png" / "keep.txt").write_text("keep")
+def test_run_one_image_into_an_existing_folder(artifact, tmp_path, capsys):
+    """-o FOLDER for one image writes FOLDER/<name>.png, and still refuses to overwrite without --force."""
+    image = write_image(tmp_path / "in.jpg")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("keep")
+    assert main(["run", str(artifact), str(image), "-o", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "in.png")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["in.png", "keep.txt"]
+    with Image.open(tmp_path / "out" / "in.png") as im:
+        assert im.size == (64, 64)
     before = snapshot(tmp_path)
-    rc = main(["run", str(artifact), str(image), "-o", str(tmp_path / "out.png")] + (["--force"] if force else []))
-    user_error(rc, capsys, "out.png")
+    user_error(main(["run", str(artifact), str(image), "-o", str(tmp_path / "out")]), capsys, "in.png", "--force")
     assert snapshot(tmp_path) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "out.png"]
 
 
 def test_run_folder_without_images(artifact, tmp_path, capsys):
@@ -537,3 +558,323 @@ def test_check_bad_image_fails_before_reference(artifact, tmp_path, capsys):
     rc = main(["check", str(artifact), str(bad), "--json", str(tmp_path / "report.json")])
     user_error(rc, capsys, "bad.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.png"]
+
+
+# --- issue 17: inputs are never outputs ------------------------------------------------------
+
+
+@pytest.mark.parametrize("spelling", ["same", "dot-slash", "symlink", "hardlink"])
+def test_run_output_that_is_the_input_is_refused_even_with_force(artifact, tmp_path, capsys, monkeypatch, spelling):
+    image = write_image(tmp_path / "photo.png")
+    monkeypatch.chdir(tmp_path)
+    output = {"same": "photo.png", "dot-slash": "./photo.png", "symlink": "link.png", "hardlink": "hard.png"}[spelling]
+    if spelling == "symlink":
+        (tmp_path / "link.png").symlink_to(image)
+    if spelling == "hardlink":
+        (tmp_path / "hard.png").hardlink_to(image)
+    before = snapshot(tmp_path)
+    rc = main(["run", str(artifact), str(image), "-o", output, "--force"])
+    user_error(rc, capsys, output.lstrip("./"), "is the input", "photo.png")
+    assert snapshot(tmp_path) == before  # the photo's bytes unchanged, nothing else written
+
+
+@pytest.mark.parametrize("spelling", ["same", "dot", "symlink"])
+def test_run_folder_output_that_is_the_input_folder_is_refused(artifact, tmp_path, capsys, monkeypatch, spelling):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    write_image(folder / "a.png")
+    write_image(folder / "b.jpg")
+    (tmp_path / "alias").symlink_to(folder)
+    monkeypatch.chdir(tmp_path)
+    output = {"same": "photos", "dot": "./photos/.", "symlink": "alias"}[spelling]
+    before = snapshot(tmp_path)
+    rc = main(["run", str(artifact), "photos", "-o", output, "--force"])
+    user_error(rc, capsys, "input folder", "another folder")
+    assert snapshot(tmp_path) == before
+
+
+# --- issue 17: manifests that point outside the artifact, or are damaged ----------------------
+
+
+def edit_manifest(artifact: Path, edit) -> None:
+    path = artifact / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("path", ["../elsewhere/unet.onnx", "/etc/passwd", "sub/../../unet.onnx"])
+def test_manifest_path_outside_the_artifact_is_refused(artifact_copy, tmp_path, capsys, path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(artifact_copy / "unet.onnx", outside / "unet.onnx")  # a real graph, hashes matching
+    edit_manifest(artifact_copy, lambda m: m["files"]["unet.onnx"].update(path=path))
+    image = write_image(tmp_path / "in.png")
+    for argv in (["run", str(artifact_copy), str(image), "-o", str(tmp_path / "out.png")], ["check", str(artifact_copy)],
+                 ["inspect", str(artifact_copy)]):
+        user_error(main(argv), capsys, repr(path), "artifact folder")
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_manifest_path_through_a_symlink_outside_is_refused(artifact_copy, tmp_path, capsys):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.move(artifact_copy / "unet.onnx", outside / "unet.onnx")
+    (artifact_copy / "unet.onnx").symlink_to(outside / "unet.onnx")
+    user_error(main(["run", str(artifact_copy), str(write_image(tmp_path / "in.png")), "-o", str(tmp_path / "o.png")]),
+               capsys, "'unet.onnx'", "leaves the artifact folder")
+
+
+def test_onnx_external_data_outside_the_artifact_is_refused(artifact_copy, tmp_path, capsys):
+    import onnx
+
+    from srexport.export.artifact import sha256_of
+
+    graph = artifact_copy / "vae_decoder.onnx"
+    onnx.save_model(onnx.load(str(graph)), str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(artifact_copy / "weights.bin", tmp_path / "elsewhere" / "weights.bin")
+    model = onnx.load(str(graph), load_external_data=False)  # onnx itself refuses to write '..' locations
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../elsewhere/weights.bin"
+    onnx.save_model(model, str(graph))
+    edit_manifest(artifact_copy, lambda m: m["files"]["vae_decoder.onnx"].update(
+        sha256=sha256_of(graph), bytes=graph.stat().st_size))
+    rc = main(["run", str(artifact_copy), str(write_image(tmp_path / "in.png")), "-o", str(tmp_path / "out.png")])
+    user_error(rc, capsys, "vae_decoder.onnx", "'../elsewhere/weights.bin'", "outside the artifact folder")
+    assert not (tmp_path / "out.png").exists()
+
+
+DAMAGES = {
+    "components.unet": (lambda m: m["components"].pop("unet"), "field components.unet is missing"),
+    "files[unet.onnx]": (lambda m: m["files"].pop("unet.onnx"), "field files.unet.onnx is missing"),
+    "denoise": (lambda m: m.pop("denoise"), "field denoise is missing"),
+    "processing.scale": (lambda m: m["processing"].update(scale="four"), "field processing.scale: 'four' is not of type"),
+    "tiling.tile": (lambda m: m["tiling"].update(tile=-5), "field tiling.tile: -5 is less than the minimum of 64"),
+    "format_version": (lambda m: m.update(format_version="1"), "format_version '1'"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_manifest_is_one_line_naming_the_field(artifact_copy, tmp_path, capsys, damage):
+    edit, words = DAMAGES[damage]
+    edit_manifest(artifact_copy, edit)
+    image = write_image(tmp_path / "in.png")
+    for argv in (["run", str(artifact_copy), str(image), "-o", str(tmp_path / "out.png")], ["check", str(artifact_copy)],
+                 ["bench", str(artifact_copy), "--iters", "1"], ["inspect", str(artifact_copy)]):
+        user_error(main(argv), capsys, words, "manifest.json")
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_written_manifests_are_valid_and_schema_refuses_what_readers_would(artifact):
+    import jsonschema
+
+    from srexport.export.artifact import manifest_schema, validate_manifest
+    from srexport.errors import UserError
+
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(manifest_schema())
+    validate_manifest(manifest)  # what the build wrote passes
+    broken = copy.deepcopy(manifest)
+    broken["files"]["unet.onnx"]["sha256"] = "not-a-hash"
+    with pytest.raises(UserError, match="files.unet.onnx.sha256"):
+        validate_manifest(broken)
+
+
+# --- issue 17: interrupted, killed and read-only builds and runs --------------------------------
+
+
+def test_sigterm_during_build_leaves_nothing(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "art"
+    proc = subprocess.Popen([sys.executable, "-m", "srexport.cli", "build", "--process-size", "128", "--precision",
+                             "fp32", "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".art.building-*")) and time.monotonic() < deadline:  # wait until it writes
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "srexport: terminated; nothing was written"
+    assert_nothing_built(out)
+
+
+def test_stale_folder_of_a_killed_build_is_removed_and_a_live_one_kept(tmp_path):
+    from srexport.export.artifact import atomic_folder
+
+    dead = tmp_path / ".art.building-dead"
+    dead.mkdir()
+    (dead / "unet.onnx").write_bytes(b"half")
+    (dead / ".srexport-build-pid").write_text("999999999")  # no such process
+    legacy = tmp_path / ".art.building-legacy"  # before the pid file: nothing says it is alive
+    legacy.mkdir()
+    live = tmp_path / ".art.building-live"
+    live.mkdir()
+    (live / ".srexport-build-pid").write_text(str(subprocess.os.getpid()))
+    notes = []
+    with atomic_folder(tmp_path / "art", note=notes.append) as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".art.building-live", "art"]
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["manifest.json"]  # no pid file left in it
+    assert len(notes) == 1 and "removed 2 temporary folder(s) left by a killed build" in notes[0]
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only file system (a tmpfs mounted ro; needs root, as on CI) or, failing that, a folder
+    without write permission (which root ignores: then skip)."""
+    import os
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        folder.chmod(0o555)
+        if os.access(folder, os.W_OK):
+            pytest.skip("cannot make a read-only folder here (not root for mount, root for chmod)")
+    yield folder
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+    else:
+        folder.chmod(0o755)
+
+
+def test_read_only_output_location_fails_before_any_work(artifact, tmp_path, capsys, read_only_folder):
+    image = write_image(tmp_path / "in.png")
+    for argv, label in ((["build", "--out", str(read_only_folder / "A"), "--quiet"], "--out"),
+                        (["run", str(artifact), str(image), "-o", str(read_only_folder / "x.png")], "-o"),
+                        (["run", str(artifact), str(tmp_path), "-o", str(read_only_folder / "out")], "-o")):
+        user_error(main(argv), capsys, label, "cannot write in", str(read_only_folder), "writable location")
+    assert list(read_only_folder.iterdir()) == []
+
+
+# --- issue 17: folder runs go on past bad files -------------------------------------------------
+
+
+def test_folder_run_processes_good_files_and_lists_each_bad_one(artifact, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_image(folder / "a.png", size=(12, 10))
+    write_image(folder / "d.png", size=(9, 7))
+    write_image(folder / "tiny.png", size=(1, 1))
+    (folder / "text.png").write_text("not an image")
+    (folder / "empty.png").write_bytes(b"")
+    inputs = snapshot(folder)
+    rc = main(["run", str(artifact), str(folder), "-o", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if "image/s" not in line and line.strip()]  # not the progress bar
+    assert len(lines) == 4, err
+    assert all(line.startswith("srexport: error: ") for line in lines)
+    for name, words in (("empty.png", "not an image"), ("text.png", "not an image"), ("tiny.png", "1x1")):
+        assert any(name in line and words in line for line in lines[:3]), (name, err)
+    assert lines[3] == f"srexport: error: 3 of 5 images failed (listed above); 2 written to {tmp_path / 'out'}"
+    assert out.strip() == f"2 of 5 images written to {tmp_path / 'out'}"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "d.png"]
+    with Image.open(tmp_path / "out" / "d.png") as im:
+        assert im.size == (36, 28)
+    assert snapshot(folder) == inputs
+
+
+# --- issue 17: options of the other model, flags validated up front -----------------------------
+
+
+@pytest.mark.parametrize("model,flag,value,owner", [
+    ("pisa-sr", "--degradation", "0.3,0.1", "s3diff"), ("pisa-sr", "--cfg-scale", "1.5", "s3diff"),
+    ("s3diff", "--guidance", "exact", "pisa-sr"), ("s3diff", "--lambda-pix", "0.8", "pisa-sr"),
+    ("s3diff", "--lambda-sem", "0.5", "pisa-sr"), ("s3diff", "--process-size", "256", "pisa-sr"),
+])
+def test_build_refuses_the_other_models_options(tmp_path, capsys, model, flag, value, owner):
+    out = tmp_path / "art"
+    rc = main(["build", "--model", model, flag, value, "--out", str(out), "--quiet"])
+    user_error(rc, capsys, flag, f"--model {owner}", f"drop {flag}")
+    assert_nothing_built(out)
+
+
+@pytest.mark.parametrize("argv", [["--threads", "-1"], ["--threads", "0"], ["--threads", "1000"]])
+def test_run_threads_out_of_range(artifact, tmp_path, capsys, argv):
+    image = write_image(tmp_path / "in.png")
+    before = snapshot(tmp_path)
+    user_error(main(["run", str(artifact), str(image), "-o", str(tmp_path / "o.png"), *argv]), capsys,
+               f"--threads {argv[1]}", "use 1 to")
+    user_error(main(["bench", str(artifact), *argv]), capsys, f"--threads {argv[1]}", "use 1 to")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["calib-empty", "out-is-a-file", "tile-too-large"])
+def test_build_flags_checked_before_any_export(tmp_path, capsys, case):
+    import time
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("keep")
+    argv, words, out = {
+        "calib-empty": (["--precision", "int8", "--calib", str(tmp_path / "empty")], ("--calib", "holds no images"),
+                        tmp_path / "art"),
+        "out-is-a-file": (["--force"], ("exists and is not a folder",), tmp_path / "file"),
+        "tile-too-large": (["--tile", "65536"], ("--tile 65536", "at most 2048"), tmp_path / "art"),
+    }[case]
+    before = snapshot(tmp_path)
+    t = time.perf_counter()
+    user_error(main(["build", "--out", str(out), "--quiet", *argv]), capsys, *words)
+    assert time.perf_counter() - t < 5  # refused before the model loads and exports (that takes 20 s and more)
+    assert snapshot(tmp_path) == before
+    if out.name == "art":
+        assert_nothing_built(out)
+
+
+def test_vae_batch_is_bounded_by_the_denoiser_batch():
+    from srexport.runtime.tile_settings import TilingSettings
+
+    assert TilingSettings(tile=2048, batch=4, vae_tile=64, vae_overlap=16).validate().vae_batch == 4  # not 4096
+    assert TilingSettings().vae_batch == 1
+
+
+def test_outputs_follow_the_umask(artifact, tmp_path, capsys):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        image = write_image(tmp_path / "in.png")
+        assert main(["run", str(artifact), str(image), "-o", str(tmp_path / "out.png")]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o644
+
+
+def test_build_steps_print_their_own_durations(capsys):
+    from srexport.export.build import Progress
+
+    progress = Progress(2)
+    progress("first")
+    progress("second")
+    progress.done()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "[1/2] first" and lines[2] == "[2/2] second"  # no time on a step's first line
+    assert lines[1].startswith("      step 1 took ") and lines[3].startswith("      step 2 took ")
+    assert lines[4].startswith("      done in ")
+
+
+def test_inspect_says_dynamic_for_estimated_degradation(artifact):
+    from srexport.describe import describe_manifest
+    from srexport.export.artifact import load_artifact
+
+    art = load_artifact(artifact)
+    art.manifest["model"] = dict(art.manifest["model"], kind="s3diff",
+                                 settings={"degradation": None, "cfg_scale": 1.07, "color_fix": "wavelet", "scale": 4})
+    text = describe_manifest(art)
+    assert "degradation=dynamic" in text and "None" not in text.split("settings")[1].splitlines()[0]
+
+
+def test_compare_image_help_says_one_picture(capsys):
+    with pytest.raises(SystemExit):
+        main(["check", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "write one side-by-side picture with a row per checked image" in help_text

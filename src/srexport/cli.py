@@ -52,24 +52,31 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--checkpoint", type=Path, help="pisa_sr.pkl or s3diff.pkl (upstream formats)")
     b.add_argument("--de-net", type=Path, help="s3diff: the degradation estimator de_net.pth")
     b.add_argument("--scale", type=int, default=4, help="upscale factor (default: 4; S3Diff is x4 only)")
-    b.add_argument("--lambda-pix", type=float, default=1.0, help="pixel-level guidance scale (default: 1)")
-    b.add_argument("--lambda-sem", type=float, default=1.0, help="semantic-level guidance scale (default: 1)")
-    b.add_argument("--guidance", choices=["merged", "exact"], default="merged",
-                   help="merged: one UNet graph with the LoRA deltas merged at the chosen scales (first order in "
+    b.add_argument("--lambda-pix", type=float, default=None, help="pisa-sr: pixel-level guidance scale (default: 1)")
+    b.add_argument("--lambda-sem", type=float, default=None, help="pisa-sr: semantic-level guidance scale (default: 1)")
+    b.add_argument("--guidance", choices=["merged", "exact"], default=None,
+                   help="pisa-sr: merged: one UNet graph with the LoRA deltas merged at the chosen scales (first order in "
                         "the deltas; exact at lambda_pix=1 for lambda_sem in {0,1}); exact: two UNet graphs "
                         "combined with upstream's formula (default: merged)")
-    b.add_argument("--degradation", default="dynamic", metavar="dynamic|BLUR,NOISE",
+    b.add_argument("--degradation", default=None, metavar="dynamic|BLUR,NOISE",
                    help="s3diff: 'dynamic' estimates the degradation per image and keeps the LoRA in the graphs, "
                         "modulated by the scores; BLUR,NOISE (two numbers in [0,1]) merges the LoRA for that fixed "
                         "degradation and leaves the estimator out (default: dynamic)")
-    b.add_argument("--cfg-scale", type=float, default=1.07,
-                   help="s3diff: classifier-free guidance scale, upstream's 1.07; 1.0 skips the negative pass")
+    b.add_argument("--cfg-scale", type=float, default=None,
+                   help="s3diff: classifier-free guidance scale (default: upstream's 1.07); 1.0 skips the negative "
+                        "pass")
     b.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None,
                    help="colour correction against the upscaled input (default: as upstream, adain for pisa-sr, "
                         "wavelet for s3diff)")
-    b.add_argument("--process-size", type=int, default=512,
-                   help="inputs whose short side is below PROCESS_SIZE/scale are first resized up to it, as "
+    b.add_argument("--process-size", type=int, default=None,
+                   help="pisa-sr: inputs whose short side is below PROCESS_SIZE/scale are first resized up to it, as "
                         "upstream's --process_size (default: 512)")
+    b.add_argument("--size-policy", choices=["pad", "floor"], default=None,
+                   help="pisa-sr: how the upscaled image meets the VAE's multiple of 8. pad: reflect-pad it "
+                        "right/bottom and crop the result back, so the output is exactly scale x the input (as "
+                        "s3diff does); floor: upstream's resize to the size floored to a multiple of 8, so the "
+                        "output loses up to 7 pixels per side (217x301 -> 864x1200 at x4, not 868x1204). "
+                        "Recorded in the manifest (default: pad)")
     b.add_argument("--out", type=Path, help="artifact folder to write (default: artifacts/<model>-x<scale>[-demo])")
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
     b.add_argument("--quiet", action="store_true", help="print only the artifact path")
@@ -97,13 +104,18 @@ def _build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="upscale an image or a folder of images with an artifact")
     r.add_argument("artifact", type=Path)
     r.add_argument("input", type=Path, help="an image file, or a folder of images")
-    r.add_argument("-o", "--output", type=Path, required=True, help="output image file, or folder for a folder input")
+    r.add_argument("-o", "--output", type=Path, required=True,
+                   help="output image file, or a folder: for a folder input the outputs are FOLDER/<name>.png (it "
+                        "must not be the input folder); for one image into an existing folder, FOLDER/<name>.png")
     r.add_argument("--backend", choices=BACKEND_CHOICES, default="ort",
                    help="ort: onnxruntime (CPU) on the artifact's graphs; ort-cuda: onnxruntime's CUDA provider "
                         "(onnxruntime-gpu); trt: the artifact's TensorRT engines (TensorRT, NVIDIA GPU); torch: "
                         "the PyTorch reference modules")
-    r.add_argument("--threads", type=int, default=None, help="intra-op threads for onnxruntime")
-    r.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    r.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads for onnxruntime, 1 to this machine's core count (default: onnxruntime's "
+                        "own, one per physical core)")
+    r.add_argument("--force", action="store_true",
+                   help="overwrite existing outputs (never an input: an output that is an input is refused)")
     # --- tiling (runtime/tiling.py) ---
     r.add_argument("--no-tile", action="store_true",
                    help="run whole images instead of tiles (for comparison); refused above the artifact's "
@@ -114,6 +126,11 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--vae-norm", choices=["per-tile", "two-pass"], default=None,
                    help="GroupNorm statistics of tiled VAE runs (default: the artifact's, set at build). two-pass "
                         "needs an artifact built with --vae-norm two-pass; per-tile runs on any artifact")
+    r.add_argument("--grey-output", choices=["auto", "color"], default="auto",
+                   help="auto: a greyscale input (identical channels, as a greyscale file is read) gives a greyscale "
+                        "output, the result's BT.601 luma (0.299 R + 0.587 G + 0.114 B) in all three channels, "
+                        "since the networks add colour casts to grey photos; color: keep the networks' colour "
+                        "output (default: auto)")
 
     c = sub.add_parser("check", help="parity of an artifact against the PyTorch reference (per component, end to end)")
     c.add_argument("artifact", type=Path)
@@ -122,7 +139,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-abs", type=float, default=None,
                    help="bound per component on max abs (default: the artifact's, 1e-3 for fp32 graphs, none for fp16/int8)")
     c.add_argument("--max-rel-l2", type=float, default=None,
-                   help="bound per component on relative L2 error (default: the artifact's: fp16 1e-2, int8 0.25)")
+                   help="bound per component on relative L2 error (default: none; fp16/int8 components are bounded "
+                        "on their alone output PSNR, recorded at build: the output with only that graph converted)")
     c.add_argument("--min-psnr", type=float, default=None,
                    help="end-to-end bound in dB (default: the artifact's, recorded at build: fp32 50, fp16 40, int8 30)")
     c.add_argument("--base", help="the base folder, if it moved since the build")
@@ -130,7 +148,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--de-net", help="s3diff: the degradation estimator, if it moved since the build")
     c.add_argument("--json", type=Path, help="also write the report as JSON")
     c.add_argument("--compare-image", type=Path, metavar="FILE.png",
-                   help="write a side-by-side picture per image: bicubic | reference | backend | amplified difference")
+                   help="write one side-by-side picture with a row per checked image: bicubic | reference | backend | "
+                        "amplified difference")
 
     bn = sub.add_parser(
         "bench", help="latency per stage against the PyTorch reference, with parity, as tables, JSON and a plot",
@@ -150,9 +169,12 @@ def _build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
     bn.add_argument("--inputs", type=int, default=3, help="distinct seeded LR images rotated through (default: 3)")
     bn.add_argument("--device", default="auto", help="where the PyTorch baseline runs: auto, cpu, cuda[:N] (default: auto)")
-    bn.add_argument("--threads", type=int, default=None, help="intra-op threads for onnxruntime")
+    bn.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads for onnxruntime, 1 to this machine's core count (default: onnxruntime's "
+                         "own, one per physical core)")
     bn.add_argument("--torch-threads", type=int, default=None,
-                    help="intra-op threads for PyTorch (the baseline and the pre/post-processing of every backend)")
+                    help="intra-op threads for PyTorch (the baseline and the pre/post-processing of every backend), "
+                         "1 to this machine's core count (default: PyTorch's own)")
     bn.add_argument("--timer", choices=["auto", "host"], default="auto",
                     help="auto: CUDA events on the runners' stream on a GPU, perf_counter on CPU; host: perf_counter "
                          "with a device synchronisation at every stage boundary")
@@ -274,9 +296,34 @@ def cmd_engines(args) -> int:
     return 0
 
 
+# build options that belong to one model, and their defaults (None on the command line: not given)
+MODEL_OPTIONS = {
+    "pisa-sr": {"lambda_pix": 1.0, "lambda_sem": 1.0, "guidance": "merged", "process_size": 512, "size_policy": "pad"},
+    "s3diff": {"degradation": "dynamic", "cfg_scale": 1.07},
+}
+
+
+def _model_options(args) -> None:
+    """Refuse an option of the other model in one line (it would be ignored); fill in this
+    model's defaults."""
+    for model, options in MODEL_OPTIONS.items():
+        for option, default in options.items():
+            given = getattr(args, option)
+            if model != args.model and given is not None:
+                flag = "--" + option.replace("_", "-")
+                raise UserError(f"{flag} is an option of --model {model}; --model {args.model} does not use it: "
+                                f"drop {flag}")
+            if model == args.model and given is None:
+                setattr(args, option, default)
+
+
 def cmd_build(args) -> int:
+    from .export.artifact import check_build_target
     from .export.build import build
 
+    _model_options(args)
+    out = args.out or Path("artifacts") / f"{args.model}-x{args.scale}{'-demo' if args.base is None else ''}"
+    check_build_target(out, args.force)  # an --out that cannot be written fails before any work
     engine_options = _engines_ready(args) if args.engines else None  # before any export: fail at once
     precision = _precision_options(args)
     tiling = _tiling_settings(args)  # validated before anything loads
@@ -298,7 +345,6 @@ def cmd_build(args) -> int:
         from .models.sources import demo_description
 
         print(f"Building the built-in {args.model} DEMO: {demo_description(source)}.", file=sys.stderr)
-    out = args.out or Path("artifacts") / f"{args.model}-x{args.scale}{'-demo' if source.demo else ''}"
     path = build(prepare, source, settings, out, force=args.force, quiet=args.quiet, precision=precision,
                  tiling=tiling)
     if engine_options is not None:
@@ -341,7 +387,7 @@ def _pisa_build(args):
     if args.de_net is not None:
         raise UserError("--de-net is for --model s3diff; PiSA-SR has no degradation estimator")
     settings = PisaSettings(args.lambda_pix, args.lambda_sem, args.guidance, args.scale, args.process_size,
-                            args.color_fix or "adain").validate()
+                            args.color_fix or "adain", args.size_policy).validate()
     source = demo_pisa_source() if args.base is None else PisaSource(args.base, args.checkpoint)
     return prepare_pisa, source, settings
 
@@ -363,57 +409,109 @@ def _s3diff_build(args):
 
 
 def cmd_run(args) -> int:
-    from .export.artifact import read_manifest
+    from .export.artifact import check_writable_folder, read_manifest
     from .processing import Processing, check_input_size
-    from .runtime.images import check_output_path, list_images, load_image, probe_image, save_image
+    from .runtime.images import check_output_path, list_images, load_image, probe_image, same_file, save_image
     from .runtime.loading import load_pipeline
 
-    if args.input.is_dir():
+    _check_threads(args.threads, "--threads")
+    folder_run = args.input.is_dir()
+    if folder_run:
         inputs = list_images(args.input)
         if not inputs:
             raise UserError(f"{args.input} holds no images ({', '.join(('png', 'jpg', 'tif', 'bmp', 'webp'))})")
         if args.output.exists() and not args.output.is_dir():
             raise UserError(f"{args.output} is a file; for a folder input, -o must be a folder")
+        if same_file(args.output, args.input):
+            raise UserError(f"-o {args.output} is the input folder; its outputs would replace the photos in it: "
+                            "choose another folder")
         jobs = [(p, args.output / (p.stem + ".png")) for p in inputs]
         clash = [p.name for p, out in jobs if sum(o == out for _, o in jobs) > 1]
         if clash:
             raise UserError(f"{', '.join(clash[:3])} would all be written to the same output name; "
                             "rename them or run them separately")
+        check_writable_folder(args.output, f"-o {args.output}")
+        if args.output.is_dir():
+            for _, out in jobs:
+                check_output_path(out, args.force)
     else:
         if not args.input.exists():
             raise UserError(f"input {args.input} does not exist")
-        jobs = [(args.input, args.output)]
-    if not args.input.is_dir():
-        check_output_path(args.output, args.force)
-    elif args.output.is_dir():
-        for _, out in jobs:
-            check_output_path(out, args.force)
-    # Every input is probed (header only) before the models load, so a bad file
-    # late in a folder stops the run before anything is written.
-    processing = Processing.from_dict(read_manifest(args.artifact)["processing"])
-    for src, _ in jobs:
-        check_input_size(*probe_image(src), processing, name=str(src))
-    if args.no_tile:  # a whole-image run above the limit is refused before the models load
+        output = args.output / (args.input.stem + ".png") if args.output.is_dir() else args.output
+        jobs = [(args.input, output)]
+        check_output_path(output, args.force)
+        check_writable_folder(output.parent, f"-o {output}")
+    for _, out in jobs:
+        for src, _ in jobs:
+            if same_file(out, src):
+                raise UserError(f"output {out} is the input {src}; it would be overwritten: choose another -o")
+    # Every input is probed (header only) before the models load: a bad file is reported at
+    # once, and a folder run goes on with the good ones.
+    manifest = read_manifest(args.artifact)
+    processing = Processing.from_dict(manifest["processing"])
+    if args.no_tile or args.untiled_max_mp is not None:
         from .runtime.tiling import check_untiled_inputs
 
-        check_untiled_inputs(read_manifest(args.artifact), [probe_image(src) for src, _ in jobs], args.untiled_max_mp)
-    pipeline = load_pipeline(args.artifact, backend=args.backend, threads=args.threads)
-    _configure_tiling(pipeline, args)
-    if args.input.is_dir():
-        args.output.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
+        check_untiled_inputs(manifest, [], args.untiled_max_mp)  # the flag itself, before any file
+    failed: list[str] = []
 
-    for src, out in tqdm(jobs, disable=len(jobs) == 1, unit="image", file=sys.stderr):
-        lr = load_image(src)
-        with _tile_progress(pipeline, lr, quiet=len(jobs) > 1):
-            save_image(pipeline(lr), out)
-    if len(jobs) == 1:
+    def probe(src):
+        size = probe_image(src)
+        check_input_size(*size, processing, name=str(src))
+        if args.no_tile:  # a whole-image run above the limit is refused before the models load
+            check_untiled_inputs(manifest, [size], args.untiled_max_mp)
+
+    good = []
+    for src, out in jobs:
+        try:
+            probe(src)
+            good.append((src, out))
+        except UserError as e:
+            if not folder_run:
+                raise
+            failed.append(str(e))
+            print(f"srexport: error: {e}", file=sys.stderr)
+    written = 0
+    if good:
+        pipeline = load_pipeline(args.artifact, backend=args.backend, threads=args.threads)
+        _configure_tiling(pipeline, args)
+        if folder_run:
+            args.output.mkdir(parents=True, exist_ok=True)
+        from tqdm import tqdm
+
+        for src, out in tqdm(good, disable=len(good) == 1 or not folder_run, unit="image", file=sys.stderr):
+            try:
+                lr = load_image(src)  # the header was fine; the pixels may still be damaged
+                with _tile_progress(pipeline, lr, quiet=folder_run):
+                    save_image(pipeline(lr), out)
+                written += 1
+            except UserError as e:
+                if not folder_run:
+                    raise
+                failed.append(str(e))
+                print(f"srexport: error: {e}", file=sys.stderr)
+    if not folder_run:
         print(jobs[0][1])
+        return 0
+    print(f"{written} of {len(jobs)} images written to {args.output}")
+    if failed:
+        print(f"srexport: error: {len(failed)} of {len(jobs)} images failed (listed above); {written} written to "
+              f"{args.output}", file=sys.stderr)
+        return UserError.exit_code
     return 0
 
 
+def _check_threads(value: int | None, flag: str) -> None:
+    import os
+
+    cores = os.cpu_count() or 1
+    if value is not None and not 1 <= value <= cores:
+        raise UserError(f"{flag} {value} is out of range; use 1 to {cores} (this machine's cores), or leave it "
+                        "out for the library's default")
+
+
 def _configure_tiling(pipeline, args) -> None:
-    """--no-tile and --untiled-max-mp on a loaded pipeline."""
+    """--no-tile, --untiled-max-mp, --vae-norm and --grey-output on a loaded pipeline."""
     if args.untiled_max_mp is not None:
         if not args.untiled_max_mp > 0:
             raise UserError(f"--untiled-max-mp {args.untiled_max_mp} must be a positive number of megapixels")
@@ -422,6 +520,7 @@ def _configure_tiling(pipeline, args) -> None:
         pipeline.tiled = False
     if args.vae_norm is not None:
         pipeline.use_vae_norm(args.vae_norm)
+    pipeline.grey_output = args.grey_output
 
 
 def _tile_progress(pipeline, lr, quiet: bool = False):
@@ -437,65 +536,96 @@ def _tile_progress(pipeline, lr, quiet: bool = False):
 
 
 def cmd_check(args) -> int:
+    import contextlib
+    import tempfile
+    import time
+
     from .samples import SAMPLE_NAME, sample_image
-    from .calibration.precision import bounds_of
-    from .checking import check_image, failures
+    from .calibration.precision import bounds_of, component_output_bounds
+    from .checking import check_image, expected_for, failures
     from .export.artifact import load_artifact
     from .runtime.images import load_image
     from .runtime.loading import load_pipeline, reference_for
+    from .runtime.pipeline import SRPipeline
+    from .runtime.runners import ort_runners
 
-    images = [(p.name, load_image(p)) for p in args.images] or [(SAMPLE_NAME, sample_image())]
-    artifact = load_artifact(args.artifact)
-    reference = reference_for(artifact, args.base, args.checkpoint, args.de_net)
-    pipeline = load_pipeline(args.artifact, backend=args.backend, reference=reference)
     if any(v is not None and v <= 0 for v in (args.max_abs, args.min_psnr, args.max_rel_l2)):
         raise UserError("--max-abs, --max-rel-l2 and --min-psnr must be positive numbers")
     if args.compare_image is not None and (args.compare_image.suffix.lower() != ".png"
                                            or not args.compare_image.absolute().parent.is_dir()):
         raise UserError(f"--compare-image {args.compare_image} must be a .png file in an existing folder")
+    images = [(p.name, load_image(p)) for p in args.images] or [(SAMPLE_NAME, sample_image())]
+    artifact = load_artifact(args.artifact)
+    reference = reference_for(artifact, args.base, args.checkpoint, args.de_net)
     bounds = bounds_of(artifact.manifest)  # recorded at build, per precision
     precision = artifact.manifest.get("export", {}).get("precision", "fp32")
     max_abs = args.max_abs if args.max_abs is not None else bounds.get("component_max_abs")
     max_rel = args.max_rel_l2 if args.max_rel_l2 is not None else bounds.get("component_rel_l2")
     min_psnr = args.min_psnr if args.min_psnr is not None else bounds["end_to_end_min_psnr"]
-    reports, problems = [], []
-    print(f"{artifact.folder}  {precision} graphs, backend={args.backend}  bounds: component "
-          + ", ".join(x for x in (max_abs is not None and f"max_abs <= {max_abs:g}",
-                                  max_rel is not None and f"rel_l2 <= {max_rel:g}") if x)
+    alone = component_output_bounds(bounds)  # fp16/int8: each graph alone converted, by component
+    shown = [f"component max_abs <= {max_abs:g}"] if max_abs is not None else []
+    shown += [f"component rel_l2 <= {max_rel:g}"] if max_rel is not None else []
+    if alone:
+        shown.append("output PSNR with each graph alone >= " + (
+            f"{next(iter(alone.values())):g} dB" if len(set(alone.values())) == 1
+            else ", ".join(f"{c} {b:g}" for c, b in alone.items()) + " dB"))
+    print(f"{artifact.folder}  {precision} graphs, backend={args.backend}  bounds: " + ", ".join(shown)
           + f", end-to-end PSNR >= {min_psnr:g} dB (against the fp32 PyTorch reference)")
-    pipelines = {args.backend: pipeline}
-    if precision != "fp32" and args.backend == "ort":
-        # onnxruntime's CPU provider computes fp16 regions in fp32: also run the graphs' twins
-        # that round every fp16 tensor, as fp16 GPU kernels do (see calibration.fp16)
-        import tempfile
+    start = time.perf_counter()
 
-        from .calibration.precision import emulated_dir, runners_for
-        from .runtime.pipeline import SRPipeline
+    def note(message: str) -> None:
+        print(f"  [{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
 
-        twin = emulated_dir(artifact.folder, artifact.manifest, Path(tempfile.mkdtemp(prefix="srexport-fp16-")))
-        pipelines["ort, fp16 rounding"] = SRPipeline(artifact.manifest, runners_for(twin, artifact.manifest))
-    for name, lr in images:
-        for way, p in pipelines.items():
-            report = check_image(p, reference, lr, name if len(pipelines) == 1 else f"{name} [{way}]")
-            reports.append(report)
-            print(f"{report.name}  ->  {report.output_shape[-1]}x{report.output_shape[-2]}")
-            for component, parity in report.components.items():
-                print(f"  {component:<14} {parity.describe()}")
-            print(f"  {'end to end':<14} {report.end_to_end.describe()}  SSIM {report.ssim:.5f}")
-            if report.tiled is not None:  # tiled artifacts, images larger than one tile
-                tiles = ", ".join(f"{k} {v}" for k, v in report.tiles.items())
-                print(f"  {'tiled':<14} {report.tiled.describe()}  (vs the tiled reference; tiles: {tiles})")
-                print(f"  {'tiled vs whole':<14} {report.tiled_vs_whole.describe()}  (the references: what tiling "
-                      "changes; not bounded)")
-            problems += failures(report, max_abs, min_psnr, max_rel)
-    if len(pipelines) > 1:
-        import shutil
+    # One way's sessions at a time, each without onnxruntime's CPU arena: an arena keeps the
+    # largest run it has seen, and check runs every graph on the whole image and on tiles (with
+    # arenas, two ways at once: 24 GB on a 217x301 fp16 check, where run needs 7.7 GB).
+    def artifact_pipeline() -> SRPipeline:
+        if args.backend == "ort":
+            return SRPipeline(artifact.manifest, ort_runners(artifact, arena=False))
+        return load_pipeline(args.artifact, backend=args.backend, reference=reference)
 
-        shutil.rmtree(twin, ignore_errors=True)
+    ways = {args.backend: artifact_pipeline}
+    expected, reports, problems = {}, {}, []
+    with contextlib.ExitStack() as stack:
+        if precision != "fp32" and args.backend == "ort":
+            # onnxruntime's CPU provider computes fp16 regions in fp32: also run the graphs' twins
+            # that round every fp16 tensor, as fp16 GPU kernels do (see calibration.fp16)
+            from .calibration.precision import emulated_dir, runners_for
+
+            twin = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="srexport-fp16-")))
+            note("writing the graphs' fp16-rounding twins")
+            emulated_dir(artifact.folder, artifact.manifest, twin)
+            ways["ort, fp16 rounding"] = lambda: SRPipeline(artifact.manifest,
+                                                            runners_for(twin, artifact.manifest, arena=False))
+        for way, make in ways.items():
+            note(f"{way}: loading the graphs")
+            pipeline = make()
+            for i, (name, lr) in enumerate(images):
+                if i not in expected:  # the reference's side, once for every way
+                    note(f"{name}: fp32 PyTorch reference, whole image")
+                    expected[i] = expected_for(pipeline, reference, lr)
+                report = check_image(pipeline, reference, lr, name if len(ways) == 1 else f"{name} [{way}]",
+                                     expected[i], note, each_alone=bool(alone))
+                reports[i, way] = report
+                print(f"{report.name}  ->  {report.output_shape[-1]}x{report.output_shape[-2]}")
+                for component, parity in report.components.items():
+                    by_itself = (f"  alone: output PSNR {report.alone[component].psnr_db:.2f} dB"
+                                 if component in report.alone else "")
+                    print(f"  {component:<14} {parity.describe()}{by_itself}")
+                print(f"  {'end to end':<14} {report.end_to_end.describe()}  SSIM {report.ssim:.5f}")
+                if report.tiled is not None:  # tiled artifacts, images larger than one tile
+                    tiles = ", ".join(f"{k} {v}" for k, v in report.tiles.items())
+                    print(f"  {'tiled':<14} {report.tiled.describe()}  (vs the tiled reference; tiles: {tiles})")
+                    print(f"  {'tiled vs whole':<14} {report.tiled_vs_whole.describe()}  (the references: what "
+                          "tiling changes; not bounded)")
+                problems += failures(report, max_abs, min_psnr, max_rel, alone)
+            del pipeline  # its sessions, before the next way's
+    reports = [reports[i, way] for i in range(len(images)) for way in ways]  # image by image, as before
     if args.json:
         args.json.write_text(json.dumps({"backend": args.backend, "precision": precision, "max_abs": max_abs,
-                                         "max_rel_l2": max_rel, "min_psnr": min_psnr,
-                                         "images": [r.to_dict() for r in reports], "failures": problems}, indent=2))
+                                         "max_rel_l2": max_rel, "min_output_psnr": alone or None,
+                                         "min_psnr": min_psnr, "images": [r.to_dict() for r in reports],
+                                         "failures": problems}, indent=2))
     if args.compare_image:
         from .plots import side_by_side
 
@@ -509,19 +639,29 @@ def cmd_check(args) -> int:
     print("all parity bounds hold")
     return 0
 
-
 def cmd_inspect(args) -> int:
-    from .export.artifact import load_artifact
+    """Shows a damaged artifact too (missing or modified files are listed, not refused): that
+    is how one is diagnosed. Exit status 1 when files are damaged."""
+    from .export.artifact import file_problems, load_artifact
     from .describe import describe_manifest
 
-    artifact = load_artifact(args.artifact)
+    artifact = load_artifact(args.artifact, verify=False)
     print(json.dumps(artifact.manifest, indent=2) if args.json else describe_manifest(artifact))
+    problems = file_problems(artifact.folder, artifact.manifest)
+    for problem in problems:
+        print(f"srexport: damaged: {problem}", file=sys.stderr)
+    if problems:
+        print(f"srexport: error: {len(problems)} of {len(artifact.manifest['files'])} files of {artifact.folder} are "
+              "damaged (listed above); rebuild the artifact or restore them", file=sys.stderr)
+        return EXIT_PARITY_FAILED
     return 0
 
 
 def cmd_bench(args) -> int:
     from .bench import BenchConfig, format_report, parse_min_psnr, parse_sizes, run_bench
 
+    _check_threads(args.threads, "--threads")
+    _check_threads(args.torch_threads, "--torch-threads")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None and not path.absolute().parent.is_dir():
             raise UserError(f"the folder of {flag} {path} does not exist; create it first")
@@ -551,16 +691,36 @@ COMMANDS = {"build": cmd_build, "run": cmd_run, "check": cmd_check, "bench": cmd
             "engines": cmd_engines}
 
 
+# What an interrupted command leaves: every write is atomic (a temporary name, then a rename).
+INTERRUPTED = {"build": "nothing was written", "engines": "the artifact is as it was",
+               "run": "images finished before it are complete; nothing half-written was left"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, ``kill``): unwinds like Ctrl-C, so temporary files go."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = _build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"srexport: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("srexport: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"srexport: {'terminated' if terminated else 'interrupted'}; "
+              f"{INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ def describe_manifest(artifact) -> str:
     model = m["model"]
     lines = [f"artifact   {artifact.folder}", f"model      {model['kind']}" + (f"  (DEMO: {model.get('source', {}).get('demo_weights', 'random')} weights)"
                                                                          if model.get("demo") else "")]
-    lines.append("settings   " + ", ".join(f"{k}={v}" for k, v in model["settings"].items()))
+    settings = dict(model["settings"])
+    if model["kind"] == "s3diff" and settings.get("degradation") is None:
+        settings["degradation"] = "dynamic"  # scores estimated per image (None in the settings)
+    lines.append("settings   " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     if "lora" in model:
         lines.append("lora       " + ", ".join(f"{k}={v}" for k, v in model["lora"].items()))
     lines.append("processing " + ", ".join(f"{k}={v}" for k, v in m["processing"].items()))

@@ -52,8 +52,13 @@ class CalibrationSettings:
         if not self.builtin:
             from pathlib import Path
 
+            from ..runtime.images import list_images
+
             if not Path(self.source).is_dir():
                 raise UserError(f"--calib {self.source}: not 'builtin' and not a folder of photos")
+            if not list_images(Path(self.source)):  # found now, not after the export
+                raise UserError(f"--calib {self.source} holds no images (png, jpg, tif, bmp, webp); pass a folder of "
+                                "photos or --calib builtin")
         return self
 
     @property

@@ -38,16 +38,32 @@ END_TO_END_MIN_PSNR = 50.0
 
 
 class Progress:
-    """Numbered steps with elapsed time on stderr."""
+    """Numbered steps on stderr; each step's own duration is printed when it ends (at the next
+    step or at ``done``), so no number reads as a duration that is not one."""
 
     def __init__(self, total: int, quiet: bool = False):
         self.total, self.step, self.quiet = total, 0, quiet
-        self.start = time.perf_counter()
+        self.start = self.step_start = time.perf_counter()
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, message: str, started: float | None = None) -> None:
+        """A new step; ``started`` (perf_counter) when it began before this line is printed."""
+        self._close_step()
+        if started is not None:
+            self.step_start = started
         self.step += 1
         if not self.quiet:
-            print(f"[{self.step}/{self.total}] {message}  ({time.perf_counter() - self.start:.1f} s)", file=sys.stderr, flush=True)
+            print(f"[{self.step}/{self.total}] {message}", file=sys.stderr, flush=True)
+
+    def _close_step(self) -> None:
+        now = time.perf_counter()
+        if self.step and not self.quiet:
+            print(f"      step {self.step} took {now - self.step_start:.1f} s", file=sys.stderr, flush=True)
+        self.step_start = now
+
+    def done(self) -> None:
+        self._close_step()
+        if not self.quiet:
+            print(f"      done in {time.perf_counter() - self.start:.1f} s", file=sys.stderr, flush=True)
 
     def note(self, message: str) -> None:
         if not self.quiet:
@@ -120,7 +136,7 @@ def write_artifact(recipe: Recipe, out: Path, force: bool, progress: Progress, p
     specs = dict(recipe.specs)
     if tiling is not None and tiling.vae_norm == "two-pass":  # the VAE's two-pass graphs besides the plain ones
         specs.update(two_pass_specs(specs, modules))
-    with atomic_folder(out, force) as tmp:
+    with atomic_folder(out, force, note=progress.note) as tmp:
         progress(f"exporting {len(specs)} graphs to ONNX (opset {OPSET})")
         files, components = {}, {}
         for name, spec in specs.items():
@@ -162,6 +178,7 @@ def write_artifact(recipe: Recipe, out: Path, force: bool, progress: Progress, p
         progress("writing manifest.json (sha256 of every file)")
         write_manifest(tmp, manifest)
     load_artifact(out)  # re-read: hashes and format must round-trip
+    progress.done()
     return out
 
 
@@ -191,11 +208,10 @@ def build(prepare, source, settings, out: Path, force: bool = False, quiet: bool
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it or choose another --out")
-    t = time.perf_counter()
-    loaded = source.load()
     converting = precision is None or precision.precision != "fp32"  # default: fp16
     progress = Progress(BUILD_STEPS + 2 * converting, quiet)
-    progress(f"loaded {'the built-in demo' if source.demo else source.base} in {time.perf_counter() - t:.1f} s")
+    loaded = source.load()
+    progress(f"loaded {'the built-in demo' if source.demo else source.base}", started=progress.start)
     return write_artifact(prepare(source, loaded, settings, progress), out, force, progress, precision, tiling)
 
 

@@ -90,17 +90,33 @@ def check_output_path(path: str | Path, force: bool) -> Path:
     return path
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file or folder: symlinks, ``./`` spellings and hard links
+    included (the second may not exist yet)."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
 def save_image(image: torch.Tensor, path: str | Path) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
     os.close(fd)
     try:
         tensor_to_pil(image).save(tmp, format=_FORMATS[path.suffix.lower()])
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; an image is a user's file like others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -21,6 +21,10 @@ DEFAULT_OVERLAP = 128
 DEFAULT_BATCH = 4
 DEFAULT_VAE_TILE = 1024
 DEFAULT_VAE_OVERLAP = 256
+# Largest tile side. Without fused attention a tile's largest attention holds (side/8)^4 * 4 bytes of fp32
+# scores per head: 1 GiB at 1024 px, 16 GiB at 2048 px, 256 GiB at 4096 px (the VAE mid-block; the
+# UNet's first level is the same token count). 2048 px is the most that can fit a 24 GB machine at all.
+MAX_TILE = 2048
 DEFAULT_UNTILED_MAX_MEGAPIXELS = 2.1  # e.g. 1448 x 1448 or 2048 x 1024 output
 # How tiled VAE runs get their GroupNorm statistics (models/group_norm_stats.py).
 VAE_NORMS = {
@@ -74,6 +78,10 @@ class TilingSettings:
             if tile < TILE_MULTIPLE or tile % TILE_MULTIPLE:
                 raise UserError(f"{flag} {tile} must be a positive multiple of {TILE_MULTIPLE} pixels "
                                 f"(tiles of whole latent blocks); try {max(TILE_MULTIPLE, round(tile / 64) * 64)}")
+            if tile > MAX_TILE:
+                raise UserError(f"{flag} {tile} is above {MAX_TILE} pixels: one tile's attention scores alone would "
+                                f"take {(tile // 8) ** 4 * 4 / 2**30:.0f} GiB (fp32, no fused attention); use at most "
+                                f"{MAX_TILE}")
             overlap_flag = "--tile-overlap" if flag == "--tile" else "--vae-tile-overlap"
             if overlap % OVERLAP_MULTIPLE or not 0 <= overlap <= tile // 2:
                 raise UserError(f"{overlap_flag} {overlap} must be a multiple of {OVERLAP_MULTIPLE} pixels from 0 "
@@ -88,8 +96,10 @@ class TilingSettings:
 
     @property
     def vae_batch(self) -> int:
-        """VAE tiles per call: as many pixels per call as a batch of denoiser tiles."""
-        return max(1, self.batch * self.tile**2 // self.vae_tile**2)
+        """VAE tiles per call: as many pixels per call as a batch of denoiser tiles, and never more
+        tiles than the denoiser's batch (VAE tiles smaller than denoiser tiles would otherwise
+        multiply the batch, and the VAE's activations are the largest per pixel)."""
+        return max(1, min(self.batch, self.batch * self.tile**2 // self.vae_tile**2))
 
     def stages(self) -> dict:
         """The three tiled stages (``runtime.tiling.StageTiling``), each in its input's own pixels."""
