@@ -42,7 +42,7 @@ def main() -> int:
     from srexport.calibration.capture import CalibrationSettings, held_out_inputs
     from srexport.calibration.precision import PrecisionOptions, convert_graphs, emulated_dir, measure, runners_for
     from srexport.cli import main as cli
-    from srexport.export.artifact import load_artifact, read_manifest
+    from srexport.artifact.manifest import load_artifact, read_manifest
     from srexport.runtime.loading import reference_for
     from srexport.runtime.pipeline import SRPipeline
 

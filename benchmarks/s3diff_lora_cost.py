@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
-    from srexport.export.specs import Geometry
+    from srexport.artifact.specs import Geometry
     from srexport.runtime.runners import OnnxRuntimeRunner, TorchRunner
 
     variants = {"dynamic": None, "fixed": (0.3, 0.6)}

@@ -148,7 +148,7 @@ def runtime(args, results) -> dict:
     from skimage import data
 
     from srexport.export.cost import count_graph
-    from srexport.export.specs import Geometry
+    from srexport.artifact.specs import Geometry
     from srexport.models.tiled_reference import TiledReference
     from srexport.parity import compare
     from srexport.runtime.loading import load_pipeline, reference_for
@@ -218,7 +218,7 @@ def runtime(args, results) -> dict:
 
 
 def pipeline_artifact(folder):
-    from srexport.export.artifact import load_artifact
+    from srexport.artifact.manifest import load_artifact
 
     return load_artifact(folder, verify=False)
 

@@ -628,7 +628,7 @@ def test_manifest_path_through_a_symlink_outside_is_refused(artifact_copy, tmp_p
 def test_onnx_external_data_outside_the_artifact_is_refused(artifact_copy, tmp_path, capsys):
     import onnx
 
-    from srexport.export.artifact import sha256_of
+    from srexport.artifact.manifest import sha256_of
 
     graph = artifact_copy / "vae_decoder.onnx"
     onnx.save_model(onnx.load(str(graph)), str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -672,7 +672,7 @@ def test_damaged_manifest_is_one_line_naming_the_field(artifact_copy, tmp_path, 
 def test_written_manifests_are_valid_and_schema_refuses_what_readers_would(artifact):
     import jsonschema
 
-    from srexport.export.artifact import manifest_schema, validate_manifest
+    from srexport.artifact.manifest import manifest_schema, validate_manifest
     from srexport.errors import UserError
 
     manifest = json.loads((artifact / "manifest.json").read_text())
@@ -707,7 +707,7 @@ def test_sigterm_during_build_leaves_nothing(tmp_path):
 
 
 def test_stale_folder_of_a_killed_build_is_removed_and_a_live_one_kept(tmp_path):
-    from srexport.export.artifact import atomic_folder
+    from srexport.artifact.manifest import atomic_folder
 
     dead = tmp_path / ".art.building-dead"
     dead.mkdir()
@@ -831,7 +831,7 @@ def test_build_flags_checked_before_any_export(tmp_path, capsys, case):
 
 
 def test_vae_batch_is_bounded_by_the_denoiser_batch():
-    from srexport.runtime.tile_settings import TilingSettings
+    from srexport.artifact.tile_settings import TilingSettings
 
     assert TilingSettings(tile=2048, batch=4, vae_tile=64, vae_overlap=16).validate().vae_batch == 4  # not 4096
     assert TilingSettings().vae_batch == 1
@@ -864,7 +864,7 @@ def test_build_steps_print_their_own_durations(capsys):
 
 def test_inspect_says_dynamic_for_estimated_degradation(artifact):
     from srexport.describe import describe_manifest
-    from srexport.export.artifact import load_artifact
+    from srexport.artifact.manifest import load_artifact
 
     art = load_artifact(artifact)
     art.manifest["model"] = dict(art.manifest["model"], kind="s3diff",
@@ -878,3 +878,53 @@ def test_compare_image_help_says_one_picture(capsys):
         main(["check", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "write one side-by-side picture with a row per checked image" in help_text
+
+
+# --- the manifest's format versions -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["manifest_v1_pisa_demo.json", "manifest_v1_s3diff_demo.json"])
+def test_a_v1_manifest_loads_through_the_migration(tmp_path, name):
+    """Manifests written by the demo builds of format version 1 (committed as they were)."""
+    from srexport.artifact.manifest import FORMAT_VERSION, read_manifest
+    from srexport.artifact.tile_settings import TilingSettings
+
+    v1_text = (Path(__file__).parent / "data" / name).read_text()
+    v1 = json.loads(v1_text)
+    assert v1["format_version"] == 1 and "reasoning" in v1["tiling"]
+    (tmp_path / "manifest.json").write_text(v1_text)
+    manifest = read_manifest(tmp_path)  # schema-validated as the current version
+    assert manifest["format_version"] == FORMAT_VERSION == 2
+    assert (tmp_path / "manifest.json").read_text() == v1_text  # the folder is not touched
+    tiling = manifest["tiling"]
+    for prose in ("unit", "origins", "short_sides", "per_image_inputs", "reasoning"):
+        assert prose not in tiling and v1["tiling"][prose] in tiling["description"]
+    assert "formula" not in tiling["blend"] and "norm_method" not in tiling["vae"]
+    assert TilingSettings.from_manifest(tiling) == TilingSettings.from_manifest(v1["tiling"])
+    assert manifest["export"]["cleanup"] == "onnxslim" and "2 GB" in manifest["export"]["description"]
+    if "schedule" in v1:
+        assert "step" not in manifest["schedule"] and v1["schedule"]["step"] in manifest["schedule"]["description"]
+        assert "form" not in manifest["model"]["lora"]
+    machine = {k: v for k, v in v1.items() if k not in ("format_version", "tiling", "export", "schedule", "model")}
+    assert {k: manifest[k] for k in machine} == machine  # everything else as it was
+
+
+def test_current_builds_write_the_current_version(artifact):
+    from srexport.artifact.manifest import FORMAT_VERSION
+
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert "reasoning" not in manifest["tiling"] and "description" in manifest["tiling"]
+
+
+@pytest.mark.parametrize("version", [0, 3, "2", True, None])
+def test_unknown_format_version_is_refused(artifact_copy, capsys, version):
+    edit_manifest(artifact_copy, lambda m: m.update(format_version=version))
+    user_error(main(["inspect", str(artifact_copy)]), capsys, f"format_version {version!r}", "reads 1, 2", "rebuild")
+
+
+def test_inspect_schema_prints_the_schema_it_validates_with(capsys):
+    from srexport.artifact.manifest import manifest_schema
+
+    assert main(["inspect", "--schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == manifest_schema()

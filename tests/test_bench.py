@@ -30,7 +30,7 @@ PARITY_KEYS = {"psnr_db", "max_abs", "rel_l2", "inputs_compared", "min_psnr", "m
 
 @pytest.fixture(scope="module")
 def demo_reference(demo_artifact):
-    from srexport.export.artifact import load_artifact
+    from srexport.artifact.manifest import load_artifact
     from srexport.runtime.loading import reference_for
 
     return reference_for(load_artifact(demo_artifact))
@@ -150,7 +150,7 @@ def test_bench_tiled_artifact_compares_with_the_tiled_reference(demo_artifact, s
 
 
 def _untiled_decoder_flops(artifact, height, width):
-    from srexport.export.artifact import load_artifact
+    from srexport.artifact.manifest import load_artifact
     from srexport.export.cost import count_graph
 
     return count_graph(load_artifact(artifact).component_file("vae_decoder"),
@@ -224,7 +224,7 @@ def test_fp16_torch_baseline_casts_a_copy(demo_artifact, demo_reference, one_tor
     """The GPU baseline's runners (fp16 copies, inputs cast in, fp32 out), exercised on CPU;
     the reference's own fp32 modules stay untouched."""
     from srexport.bench import DEFAULT_MIN_PSNR, _torch_pipeline
-    from srexport.export.artifact import load_artifact
+    from srexport.artifact.manifest import load_artifact
     from srexport.parity import compare
 
     expected = demo_reference(small_lr)
@@ -405,9 +405,9 @@ def test_cost_matches_torch_flop_counter_on_the_demo_graphs(demo_artifact, demo_
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from srexport.export.artifact import load_artifact
+    from srexport.artifact.manifest import load_artifact
     from srexport.export.cost import count_graph
-    from srexport.export.specs import Geometry
+    from srexport.artifact.specs import Geometry
 
     artifact = load_artifact(demo_artifact)
     modules = demo_reference.components()

@@ -28,10 +28,10 @@ import torch
 from srexport.cli import main
 from srexport.errors import UserError
 from srexport.export import engines
-from srexport.export.artifact import load_artifact, read_manifest
+from srexport.artifact.manifest import load_artifact, read_manifest
 from srexport.export.engines import (EngineOptions, Machine, check_engine_compatible, engine_geometries,
                                      engine_notes, engine_problems, engine_profiles, parser_check)
-from srexport.export.specs import Geometry, degradation_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+from srexport.artifact.specs import Geometry, degradation_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 from srexport.export.trt_support import check_graph
 from srexport.runtime.ort_cuda import output_shapes
 

@@ -134,7 +134,7 @@ def test_merged_refuses_lambda_pix_zero():
 
 @pytest.fixture(scope="module")
 def artifact_and_reference(demo_artifact):
-    from srexport.export.artifact import load_artifact
+    from srexport.artifact.manifest import load_artifact
     from srexport.runtime.loading import reference_for
 
     art = load_artifact(demo_artifact)
@@ -143,7 +143,7 @@ def artifact_and_reference(demo_artifact):
 
 @pytest.mark.parametrize("geometry", [(1, 64, 64), (2, 96, 160)], ids=["64x64", "2x96x160"])
 def test_onnx_components_match_pytorch(artifact_and_reference, geometry):
-    from srexport.export.specs import Geometry
+    from srexport.artifact.specs import Geometry
     from srexport.runtime.runners import OnnxRuntimeRunner, TorchRunner
 
     art, ref = artifact_and_reference

@@ -35,7 +35,7 @@ class _Quiet:
 
 @pytest.fixture(scope="module")
 def reference(demo_artifact):
-    from srexport.export.artifact import load_artifact
+    from srexport.artifact.manifest import load_artifact
     from srexport.runtime.loading import reference_for
 
     return reference_for(load_artifact(demo_artifact))
@@ -43,7 +43,7 @@ def reference(demo_artifact):
 
 def _convert(demo_artifact, tmp_path_factory, reference, precision):
     from srexport.calibration.precision import (PrecisionOptions, convert_graphs, measure_artifact_folder)
-    from srexport.export.artifact import load_artifact, read_manifest, write_manifest
+    from srexport.artifact.manifest import load_artifact, read_manifest, write_manifest
 
     folder = tmp_path_factory.mktemp(precision) / f"pisa-demo-{precision}"
     shutil.copytree(demo_artifact, folder)
@@ -262,7 +262,7 @@ def test_calibration_inputs_are_the_references_and_cached(int8, reference):
 
     from srexport.calibration.capture import calibration_inputs, calibration_tiles, photos_fingerprint
     from srexport.calibration.cache import cache_key
-    from srexport.export.specs import ComponentSpec
+    from srexport.artifact.specs import ComponentSpec
 
     manifest = int8.manifest
     specs = {n: ComponentSpec.from_dict(c["spec"]) for n, c in manifest["components"].items()}
@@ -337,7 +337,7 @@ def test_check_tiles_both_ways_and_leaves_no_temporary_folder(fp16, tmp_path, mo
 
     from srexport import checking
     from srexport.cli import main
-    from srexport.export.artifact import read_manifest, write_manifest
+    from srexport.artifact.manifest import read_manifest, write_manifest
     from srexport.runtime.images import save_image
     from srexport.runtime.tiling import TilingSettings, tiling_section
 

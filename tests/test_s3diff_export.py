@@ -20,7 +20,7 @@ def s3diff_source():
 def s3diff_artifact(tmp_path_factory, s3diff_source):
     out = tmp_path_factory.mktemp("artifacts") / "s3diff-demo"
     assert main(["build", "--model", "s3diff", "--precision", "fp32", "--out", str(out), "--quiet"]) == 0
-    from srexport.export.artifact import load_artifact
+    from srexport.artifact.manifest import load_artifact
     from srexport.runtime.loading import reference_for
 
     art = load_artifact(out)
@@ -30,7 +30,7 @@ def s3diff_artifact(tmp_path_factory, s3diff_source):
 @pytest.fixture(scope="session")
 def s3diff_fp16_artifact(tmp_path_factory, s3diff_source):
     """The README's demo build with its defaults (fp16), through the CLI."""
-    from srexport.export.artifact import load_artifact
+    from srexport.artifact.manifest import load_artifact
 
     out = tmp_path_factory.mktemp("artifacts") / "s3diff-demo-fp16"
     assert main(["build", "--model", "s3diff", "--out", str(out), "--quiet"]) == 0
@@ -51,7 +51,7 @@ def _reference(source, **kwargs):
 
 @pytest.mark.parametrize("geometry", [(1, 64, 64), (2, 64, 96)], ids=["64x64", "2x64x96"])
 def test_onnx_components_match_pytorch(s3diff_artifact, geometry):
-    from srexport.export.specs import Geometry
+    from srexport.artifact.specs import Geometry
     from srexport.runtime.runners import OnnxRuntimeRunner, TorchRunner
 
     art, ref = s3diff_artifact
@@ -73,7 +73,7 @@ def test_onnx_components_match_pytorch(s3diff_artifact, geometry):
 def test_batch_of_two_images_gets_each_its_own_scores(s3diff_artifact):
     """The modulation inside the UNet graph is per image: a batch of two with different
     scores equals each image alone."""
-    from srexport.export.specs import Geometry
+    from srexport.artifact.specs import Geometry
     from srexport.runtime.runners import OnnxRuntimeRunner
 
     art, _ = s3diff_artifact
@@ -89,7 +89,7 @@ def test_batch_of_two_images_gets_each_its_own_scores(s3diff_artifact):
 
 
 def test_batched_cfg_graph_equals_two_reference_passes(s3diff_artifact, s3diff_source):
-    from srexport.export.specs import Geometry
+    from srexport.artifact.specs import Geometry
     from srexport.runtime.runners import OnnxRuntimeRunner
 
     art, _ = s3diff_artifact
@@ -115,7 +115,7 @@ def test_fixed_degradation_graphs_equal_dynamic_graphs(s3diff_artifact, s3diff_s
     from srexport.export.build import TRACE_GEOMETRY
     from srexport.export.onnx_export import export_onnx
     from srexport.export.s3diff_recipe import S3DiffSettings, s3diff_specs
-    from srexport.export.specs import Geometry
+    from srexport.artifact.specs import Geometry
     from srexport.runtime.runners import OnnxRuntimeRunner
 
     art, _ = s3diff_artifact
@@ -186,7 +186,7 @@ def test_reduced_precision_graphs_pass_the_tensorrt_parser_check(s3diff_artifact
     from srexport.calibration.capture import CalibrationSettings, builtin_photos_available
     from srexport.calibration.int8 import qdq_summary
     from srexport.calibration.precision import PrecisionOptions, convert_graphs
-    from srexport.export.artifact import read_manifest
+    from srexport.artifact.manifest import read_manifest
     from srexport.export.engines import parser_check
 
     if not builtin_photos_available():

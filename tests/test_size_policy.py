@@ -144,7 +144,7 @@ def test_cli_passes_the_policy_and_refuses_floor_for_s3diff(monkeypatch, tmp_pat
 
 
 def test_demo_artifact_records_the_pad_policy(demo_artifact):
-    from srexport.export.artifact import load_artifact
+    from srexport.artifact.manifest import load_artifact
 
     m = load_artifact(demo_artifact).manifest
     assert m["processing"]["size_policy"] == "reflect_pad" and m["processing"]["size_multiple"] == 8
@@ -159,7 +159,7 @@ SMALL_TILES = dict(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16)
 
 @pytest.fixture(scope="module")
 def artifact(demo_artifact):
-    from srexport.export.artifact import load_artifact
+    from srexport.artifact.manifest import load_artifact
 
     return load_artifact(demo_artifact)
 

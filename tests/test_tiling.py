@@ -13,7 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from srexport.errors import UserError
-from srexport.export.specs import (
+from srexport.artifact.specs import (
     ComponentSpec,
     Geometry,
     degradation_spec,
@@ -109,7 +109,7 @@ def test_tile_feeds_repeat_per_image_inputs_only():
 
 
 def test_settings_validate_and_round_trip():
-    from srexport.export.specs import VAE_FACTOR
+    from srexport.artifact.specs import VAE_FACTOR
     from srexport.kernels.tiling import GAUSSIAN_VARIANCE
     from srexport.runtime import tile_settings
 
@@ -250,7 +250,7 @@ def test_untiled_runs_above_the_limit_are_refused():
 
 @pytest.fixture(scope="module")
 def artifact_and_reference(demo_artifact):
-    from srexport.export.artifact import load_artifact
+    from srexport.artifact.manifest import load_artifact
     from srexport.runtime.loading import reference_for
 
     art = load_artifact(demo_artifact)

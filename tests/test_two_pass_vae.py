@@ -47,7 +47,7 @@ def two_pass_artifact(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def art_and_ref(two_pass_artifact):
-    from srexport.export.artifact import load_artifact
+    from srexport.artifact.manifest import load_artifact
     from srexport.runtime.loading import reference_for
 
     art = load_artifact(two_pass_artifact)
@@ -287,7 +287,7 @@ def test_cli_run_chooses_the_method_and_refuses_two_pass_without_its_graphs(demo
 
 
 def art_manifest_with(folder, method: str) -> dict:
-    from srexport.export.artifact import read_manifest
+    from srexport.artifact.manifest import read_manifest
 
     manifest = read_manifest(folder)
     manifest["tiling"]["vae"]["norm"] = method

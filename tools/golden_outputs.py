@@ -47,8 +47,8 @@ def sha256(data: bytes) -> str:
 
 def graph_outputs(artifact: Path) -> dict[str, str]:
     """sha256 of each graph's outputs on its spec's seeded sample inputs (onnxruntime)."""
-    from srexport.export.artifact import load_artifact
-    from srexport.export.specs import Geometry
+    from srexport.artifact.manifest import load_artifact
+    from srexport.artifact.specs import Geometry
     from srexport.runtime.runners import ort_runners
 
     art = load_artifact(artifact)

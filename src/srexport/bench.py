@@ -379,7 +379,7 @@ def run_bench(artifact_path: str | Path, config: BenchConfig, log: Callable[[str
 
 
 def _run_bench(artifact_path, config: BenchConfig, log) -> dict:
-    from .export.artifact import load_artifact
+    from .artifact.manifest import load_artifact
     from .export.cost import artifact_costs, resolve_peaks
     from .runtime.loading import load_pipeline, reference_for
 

@@ -208,8 +208,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_engine_options(e)
 
     i = sub.add_parser("inspect", help="print an artifact's manifest readably")
-    i.add_argument("artifact", type=Path)
+    i.add_argument("artifact", type=Path, nargs="?")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
+    i.add_argument("--schema", action="store_true",
+                   help="print the JSON Schema every manifest is validated against (no ARTIFACT needed)")
     return parser
 
 
@@ -235,11 +237,11 @@ def _add_engine_options(p: argparse.ArgumentParser, tile_batch: bool = True) -> 
                         "the artifact folder)")
 
 
-# --- tiling options (runtime/tile_settings.py holds the defaults and their reasoning) --------------
+# --- tiling options (artifact/tile_settings.py holds the defaults and their reasoning) --------------
 
 
 def _add_tiling_options(p: argparse.ArgumentParser) -> None:
-    from .runtime import tile_settings as ts
+    from .artifact import tile_settings as ts
 
     g = p.add_argument_group(
         "tiling", "Tile geometry, in output-resolution pixels, recorded in the manifest. 'srexport run' cuts every "
@@ -275,7 +277,7 @@ def _add_tiling_options(p: argparse.ArgumentParser) -> None:
 
 
 def _tiling_settings(args):
-    from .runtime.tile_settings import TilingSettings
+    from .artifact.tile_settings import TilingSettings
 
     return TilingSettings(args.tile, args.tile_overlap, args.tile_batch, args.vae_tile, args.vae_tile_overlap,
                           args.tile_pad, args.untiled_max_mp, args.vae_norm).validate()
@@ -318,7 +320,7 @@ def _model_options(args) -> None:
 
 
 def cmd_build(args) -> int:
-    from .export.artifact import check_build_target
+    from .artifact.manifest import check_build_target
     from .export.build import build
 
     _model_options(args)
@@ -382,7 +384,7 @@ def _precision_options(args):
 def _pisa_build(args):
     from .export.pisa_recipe import prepare_pisa
     from .models.pisa_reference import PisaSettings
-    from .models.sources import PisaSource, demo_description, demo_pisa_source
+    from .models.sources import PisaSource, demo_pisa_source
 
     if args.de_net is not None:
         raise UserError("--de-net is for --model s3diff; PiSA-SR has no degradation estimator")
@@ -409,7 +411,7 @@ def _s3diff_build(args):
 
 
 def cmd_run(args) -> int:
-    from .export.artifact import check_writable_folder, read_manifest
+    from .artifact.manifest import check_writable_folder, read_manifest
     from .processing import Processing, check_input_size
     from .runtime.images import check_output_path, list_images, load_image, probe_image, same_file, save_image
     from .runtime.loading import load_pipeline
@@ -543,7 +545,7 @@ def cmd_check(args) -> int:
     from .samples import SAMPLE_NAME, sample_image
     from .calibration.precision import bounds_of, component_output_bounds
     from .checking import check_image, expected_for, failures
-    from .export.artifact import load_artifact
+    from .artifact.manifest import load_artifact
     from .runtime.images import load_image
     from .runtime.loading import load_pipeline, reference_for
     from .runtime.pipeline import SRPipeline
@@ -642,9 +644,14 @@ def cmd_check(args) -> int:
 def cmd_inspect(args) -> int:
     """Shows a damaged artifact too (missing or modified files are listed, not refused): that
     is how one is diagnosed. Exit status 1 when files are damaged."""
-    from .export.artifact import file_problems, load_artifact
+    from .artifact.manifest import SCHEMA_FILE, file_problems, load_artifact
     from .describe import describe_manifest
 
+    if args.schema:
+        print(SCHEMA_FILE.read_text(), end="")
+        return 0
+    if args.artifact is None:
+        raise UserError("inspect needs an ARTIFACT folder (or --schema for the manifest's JSON Schema)")
     artifact = load_artifact(args.artifact, verify=False)
     print(json.dumps(artifact.manifest, indent=2) if args.json else describe_manifest(artifact))
     problems = file_problems(artifact.folder, artifact.manifest)

@@ -25,14 +25,15 @@ def describe_manifest(artifact) -> str:
     lines.append(f"denoise    z0 = {plan['latent_weight']:g}*latent + {terms}" if plan["latent_weight"] else f"denoise    z0 = {terms}")
     e = m["export"]
     lines.append(f"export     opset {e['opset']}, precision {e['precision']}, io {e['io_dtype']}, {e['exporter']}, cleanup {e['cleanup']}")
-    if "tiling" in m:  # runtime/tile_settings.py
+    if "tiling" in m:  # artifact/tile_settings.py
         t = m["tiling"]
         vae = t["vae"]["decoder"]
         lines.append(f"tiling     denoiser {t['tile']} px tiles, overlap {t['overlap']} (latent {t['latent_tile']}/"
                      f"{t['latent_overlap']}), batch {t['batch']}; VAE {vae['tile']} px tiles, overlap "
                      f"{vae['overlap']}, batch {vae['batch']}, GroupNorm statistics "
                      f"{t['vae'].get('norm', 'per-tile')}; Gaussian blend (variance {t['blend']['variance']}); "
-                     f"short sides {t['short_sides']}; whole-image runs up to {t['untiled_max_megapixels']:g} MP")
+                     f"short sides {'padded to the tile' if t.get('pad') else 'at their own length'}; whole-image "
+                     f"runs up to {t['untiled_max_megapixels']:g} MP")
     lines.append("components")
     width = max(12, *(len(n) for n in m["components"]))
     for name, comp in m["components"].items():

@@ -85,7 +85,7 @@ def photos_fingerprint(settings: CalibrationSettings) -> dict:
         return {"builtin": list(TRAIN_PHOTOS), "scikit-image": version}
     from pathlib import Path
 
-    from ..export.artifact import sha256_of
+    from ..artifact.manifest import sha256_of
     from ..runtime.images import list_images
 
     folder = Path(settings.source)

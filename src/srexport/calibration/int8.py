@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import numpy_helper
 
 QDQ_OPSET = 19  # fp16 scales on QuantizeLinear/DequantizeLinear
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")

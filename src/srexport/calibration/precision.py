@@ -74,7 +74,7 @@ def bounds_of(manifest: dict) -> dict:
     recorded = manifest.get("checks", {}).get("bounds")
     if recorded:
         return recorded
-    from ..export.specs import ComponentSpec
+    from ..artifact.specs import ComponentSpec
 
     specs = {n: ComponentSpec.from_dict(c["spec"]) for n, c in manifest.get("components", {}).items()}
     return bounds_for(manifest.get("export", {}).get("precision", "fp32"), specs)
@@ -125,7 +125,7 @@ def _large(path: Path) -> bool:
 
 def _range_cache(calibration: dict | None, fp32_path: Path, kind: str) -> Path | None:
     """Activation ranges live beside the cached inputs they came from, per graph (sha256) and kind."""
-    from ..export.artifact import sha256_of
+    from ..artifact.manifest import sha256_of
     from .cache import cache_root
 
     if not calibration or "cache_key" not in calibration:
@@ -151,7 +151,7 @@ def _set_graph(folder: Path, manifest: dict, name: str, model: onnx.ModelProto) 
 def convert_graphs(folder: Path, manifest: dict, reference, options: PrecisionOptions, progress) -> dict:
     """Replace the fp32 graphs in ``folder`` by ``options.precision``'s; fill the manifest's
     export and checks sections; return the precision record."""
-    from ..export.specs import ComponentSpec
+    from ..artifact.specs import ComponentSpec
     from .capture import calibration_inputs
     from .fp16 import FP32_OPS, activation_peaks, convert_to_fp16, fp32_nodes, overflow_nodes
     from .int8 import QDQ_OPSET, activation_ranges, quantize_int8, qdq_summary, sensitive_nodes
@@ -292,7 +292,7 @@ def emulated_dir(folder: Path, manifest: dict, out: Path) -> Path:
 
 
 def runners_for(folder: Path, manifest: dict, threads: int | None = None, arena: bool = True) -> dict:
-    from ..export.specs import ComponentSpec
+    from ..artifact.specs import ComponentSpec
     from ..runtime.runners import OnnxRuntimeRunner
 
     return {name: OnnxRuntimeRunner(folder / f"{name}.onnx", ComponentSpec.from_dict(c["spec"]), threads=threads,

@@ -21,10 +21,10 @@ from .. import __version__
 from ..errors import UserError
 from ..parity import compare
 from ..samples import SAMPLE_NAME, sample_image
-from .artifact import FORMAT_VERSION, atomic_folder, load_artifact, write_manifest
+from ..artifact.manifest import FORMAT_VERSION, atomic_folder, load_artifact, write_manifest
 from .onnx_export import OPSET, data_file_name, export_onnx
-from ..runtime.tile_settings import tiling_section
-from .specs import ComponentSpec, Geometry
+from ..artifact.tile_settings import tiling_section
+from ..artifact.specs import ComponentSpec, Geometry
 
 # Shapes the graphs are traced and checked at. The trace shape has a latent
 # size that is not a multiple of 8, so the UNet's skip-connection upsampling
@@ -152,10 +152,13 @@ def write_artifact(recipe: Recipe, out: Path, force: bool, progress: Progress, p
 
         progress("checking each graph against its PyTorch module (onnxruntime, two shapes)")
         manifest = {"format_version": FORMAT_VERSION, **recipe.manifest, "components": components, "files": files,
-                    "export": {"opset": OPSET, "exporter": "torch.onnx (TorchScript-based)", "cleanup": "onnxslim; graphs over 2 GB keep the exporter's folding only (each graph's metadata srexport.cleanup says which)",
+                    "export": {"opset": OPSET, "exporter": "torch.onnx (TorchScript-based)", "cleanup": "onnxslim",
+                               "description": "graphs over 2 GB keep the exporter's constant folding only, not "
+                                              "onnxslim's clean-up (each graph's metadata srexport.cleanup says "
+                                              "which)",
                                "precision": "fp32", "io_dtype": "float32"},
                     "versions": versions()}
-        manifest["tiling"] = tiling_section(tiling)  # runtime/tile_settings.py: geometry + reasoning
+        manifest["tiling"] = tiling_section(tiling)  # artifact/tile_settings.py: geometry + description
         manifest["checks"] = {"components": check_components(modules, specs, tmp, progress), **recipe.checks}
 
         progress("checking the whole ONNX pipeline against the PyTorch reference")

@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from .specs import ComponentSpec, Geometry
+from ..artifact.specs import ComponentSpec, Geometry
 
 OPSET = 17
 PROTOBUF_LIMIT = 2**31 - 1

@@ -12,7 +12,7 @@ from ..parity import compare
 from ..models.sources import demo_description
 from ..samples import SAMPLE_NAME, sample_image
 from .build import Progress, Recipe
-from .specs import ComponentSpec, unet_spec, vae_decoder_spec, vae_encoder_spec
+from ..artifact.specs import ComponentSpec, unet_spec, vae_decoder_spec, vae_encoder_spec
 
 _UNET_WEIGHTS = {
     "unet": "W0 + dW_pix + (lambda_sem/lambda_pix) dW_sem, eps scaled by lambda_pix",
@@ -81,7 +81,7 @@ def pisa_manifest(source, settings, reference, ranks: dict) -> dict:
             "kind": "pisa-sr",
             "demo": source.demo,
             "settings": dataclasses.asdict(settings),
-            "lora": {"ranks": dict(ranks), "scaling": "lora_alpha 8 / rank (PEFT default)"},
+            "lora": {"ranks": dict(ranks), "description": "scaling = lora_alpha 8 / rank (PEFT's default)"},
             "source": source.to_dict(),
         },
         "processing": reference.processing.to_dict(),

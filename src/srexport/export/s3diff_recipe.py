@@ -10,49 +10,14 @@ into static weights for the given scores, and the estimator is left out.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 from .. import __version__
-from ..errors import UserError
 from ..models.configs import VAE_SCALING_FACTOR
 from ..models.sources import demo_description
 from ..samples import sample_image
+from ..models.s3diff.settings import S3DiffSettings, parse_degradation  # noqa: F401  (the recipe's settings)
 from .build import Progress, Recipe
-from .specs import ComponentSpec, degradation_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
-
-
-@dataclass(frozen=True)
-class S3DiffSettings:
-    degradation: tuple[float, float] | None = None  # None: estimated per image ("dynamic")
-    cfg_scale: float = 1.07
-    color_fix: str = "wavelet"
-    scale: int = 4
-
-    def validate(self) -> "S3DiffSettings":
-        if self.scale != 4:
-            raise UserError(f"S3Diff is trained for x4 only; got --scale {self.scale}")
-        if self.degradation is not None:
-            if len(self.degradation) != 2 or not all(0.0 <= v <= 1.0 for v in self.degradation):
-                raise UserError(f"--degradation takes BLUR,NOISE in [0,1]; got {self.degradation}")
-        return self
-
-    @property
-    def dynamic(self) -> bool:
-        return self.degradation is None
-
-
-def parse_degradation(text: str) -> tuple[float, float] | None:
-    """``dynamic`` or ``BLUR,NOISE`` (two numbers in [0,1])."""
-    if text == "dynamic":
-        return None
-    parts = text.split(",")
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 2 or not all(0.0 <= v <= 1.0 for v in values):
-        raise UserError(f"--degradation {text!r}: use 'dynamic' or two numbers in [0,1] as BLUR,NOISE (e.g. 0.3,0.1)")
-    return values
+from ..artifact.specs import ComponentSpec, degradation_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 
 
 def s3diff_specs(settings: S3DiffSettings) -> dict[str, ComponentSpec]:
@@ -98,8 +63,8 @@ def prepare_s3diff(source, loaded, settings: S3DiffSettings, progress: Progress)
                               "layers": len(ckpt.unet.lora_modules()), "blocks": ckpt.unet.num_blocks},
                      "vae": {"rank": ckpt.vae.rank, "scaling": ckpt.vae.scaling,
                              "layers": len(ckpt.vae.lora_modules()), "blocks": ckpt.vae.num_blocks},
-                     "scaling": "lora_alpha 8 / rank",
-                     "form": "y = base(x) + scaling * B(A(x) . M_block), M from the scores"},
+                     "description": "scaling = lora_alpha 8 / rank; a layer computes y = base(x) + scaling * "
+                                    "B(A(x) . M_block), M from the scores"},
             "source": source.to_dict(),
         },
         "processing": reference.processing.to_dict(),
@@ -110,7 +75,8 @@ def prepare_s3diff(source, loaded, settings: S3DiffSettings, progress: Progress)
                      "negative_prompt": NEGATIVE_PROMPT if settings.cfg_scale != 1.0 else None},
         "schedule": {"timestep": schedule.timestep, "alpha_cumprod": schedule.alpha_cumprod,
                      "clip_sample_range": schedule.clip_range,
-                     "step": "x0 = (z - sqrt(1-a) * eps) / sqrt(a), in the unet graph"},
+                     "description": "one DDPM step x0 = (z - sqrt(1-a) * eps) / sqrt(a) with a = alpha_cumprod, "
+                                    "inside the unet graph"},
         "denoise": reference.denoise_plan(),
     }
     return Recipe(reference, s3diff_specs(settings), manifest, sample_output)

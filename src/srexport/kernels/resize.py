@@ -96,7 +96,7 @@ def _lanczos(x: float) -> float:
 
 
 # name -> (kernel function, support in input pixels at scale 1, manifest description)
-_CONVOLUTION_FILTERS: dict[str, tuple[Callable[[float], float], float, dict]] = {
+CONVOLUTION_FILTERS: dict[str, tuple[Callable[[float], float], float, dict]] = {
     "box": (_box, 0.5, {"kernel": "box"}),
     "bilinear": (_triangle, 1.0, {"kernel": "triangle"}),
     "hamming": (_hamming, 1.0, {"kernel": "hamming", "alpha": _HAMMING_ALPHA, "beta": _HAMMING_BETA}),
@@ -104,7 +104,7 @@ _CONVOLUTION_FILTERS: dict[str, tuple[Callable[[float], float], float, dict]] = 
     "lanczos": (_lanczos, float(_LANCZOS_A), {"kernel": "lanczos", "a": _LANCZOS_A}),
 }
 
-RESIZE_FILTERS: tuple[str, ...] = ("nearest", *_CONVOLUTION_FILTERS)
+RESIZE_FILTERS: tuple[str, ...] = ("nearest", *CONVOLUTION_FILTERS)
 
 
 def _check_filter(filter: str) -> None:
@@ -117,7 +117,7 @@ def describe_filter(filter: str) -> dict:
     _check_filter(filter)
     if filter == "nearest":
         return {"kernel": "nearest", "index": "int(0.5*scale + i*scale)", "antialias": False, "convention": "pil"}
-    _, support, description = _CONVOLUTION_FILTERS[filter]
+    _, support, description = CONVOLUTION_FILTERS[filter]
     return {**description, "support": support, "antialias": True, "convention": "pil"}
 
 
@@ -134,7 +134,7 @@ def _nearest_weights(in_size: int, out_size: int) -> np.ndarray:
 
 
 def _convolution_weights(in_size: int, out_size: int, filter: str) -> np.ndarray:
-    kernel, base_support, _ = _CONVOLUTION_FILTERS[filter]
+    kernel, base_support, _ = CONVOLUTION_FILTERS[filter]
     scale = in_size / out_size
     filter_scale = max(scale, 1.0)  # stretch only when downsampling (antialias)
     support = base_support * filter_scale

@@ -34,8 +34,8 @@ import re
 import torch
 from torch import nn
 
-from ..export.specs import ComponentSpec, Geometry, TensorSpec
-from ..runtime.tile_settings import TWO_PASS_GRAPHS
+from ..artifact.specs import ComponentSpec, Geometry, TensorSpec
+from ..artifact.tile_settings import TWO_PASS_GRAPHS
 
 _PREFIX = {"vae_encoder": "encoder", "vae_decoder": "decoder"}  # of the statistics tensors' names
 # plain component -> (its stats graph, its pooled graph, tensor prefix)

@@ -52,7 +52,7 @@ class PisaSource:
     trained: bool = False  # demo only: the shipped trained weights, or seeded random ones
 
     def to_dict(self) -> dict:
-        from ..export.artifact import sha256_of
+        from ..artifact.manifest import sha256_of
 
         d = {"base": str(self.base.absolute()), "checkpoint": str(self.checkpoint.absolute()),
              "checkpoint_sha256": sha256_of(self.checkpoint), "demo": self.demo}
@@ -150,7 +150,7 @@ def _write_trained_demo(folder: Path, files: dict[str, bytes] | None = None) -> 
 
 
 def pisa_source_from_manifest(source: dict, base: str | None = None, checkpoint: str | None = None) -> PisaSource:
-    from ..export.artifact import sha256_of
+    from ..artifact.manifest import sha256_of
 
     if source.get("demo") and not (base or checkpoint):
         # Artifacts from before the trained demo record no "demo_weights": they were random.
@@ -192,7 +192,7 @@ class S3DiffSource:
     seed: int | None = None
 
     def to_dict(self) -> dict:
-        from ..export.artifact import sha256_of
+        from ..artifact.manifest import sha256_of
 
         d = {"base": str(self.base.absolute()), "checkpoint": str(self.checkpoint.absolute()),
              "checkpoint_sha256": sha256_of(self.checkpoint), "demo": self.demo}
@@ -230,7 +230,7 @@ def demo_s3diff_source(seed: int = DEMO_SEED) -> S3DiffSource:
 
 
 def s3diff_source_from_manifest(source: dict, base=None, checkpoint=None, de_net=None) -> S3DiffSource:
-    from ..export.artifact import sha256_of
+    from ..artifact.manifest import sha256_of
 
     if source.get("demo") and not (base or checkpoint or de_net):
         return demo_s3diff_source(source.get("seed", DEMO_SEED))

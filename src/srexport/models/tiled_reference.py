@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from ..export.specs import VAE_FACTOR
+from ..artifact.specs import VAE_FACTOR
 from ..kernels.tiling import blend_tiles, extract_tiles, gaussian_weights
 from .group_norm_stats import normalising_with, pool_stats, recording
 from ..processing import postprocess
-from ..runtime.tiling import StageTiling, TilingSettings
+from ..artifact.tile_plan import StageTiling
+from ..artifact.tile_settings import TilingSettings
 
 
 def tiled_apply(fn, x: torch.Tensor, stage: StageTiling) -> torch.Tensor:

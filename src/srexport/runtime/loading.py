@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from ..export.artifact import load_artifact
+from ..artifact.manifest import load_artifact
 from .pipeline import SRPipeline
 from .runners import check_backend, ort_runners, torch_runners
 
@@ -22,7 +22,7 @@ def reference_for(artifact, base: str | None = None, checkpoint: str | None = No
         loaded_base, ckpt = source.load()
         return PisaReference(loaded_base, ckpt, PisaSettings.from_manifest(manifest["model"]["settings"]))
     if kind == "s3diff":
-        from ..export.s3diff_recipe import S3DiffSettings
+        from ..models.s3diff.settings import S3DiffSettings
         from ..models.s3diff.reference import S3DiffReference
         from ..models.sources import s3diff_source_from_manifest
 

@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..export.specs import ComponentSpec, Geometry, VAE_FACTOR
+from ..artifact.specs import ComponentSpec, Geometry, VAE_FACTOR
 
 NEEDS = "--backend ort-cuda needs onnxruntime-gpu and an NVIDIA GPU: pip install onnxruntime-gpu"
 PROVIDER = "CUDAExecutionProvider"

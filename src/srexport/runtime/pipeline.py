@@ -214,7 +214,7 @@ class SRPipeline:
         (an artifact built with it; a one-line UserError otherwise)."""
         import dataclasses
 
-        from .tile_settings import check_vae_norm
+        from ..artifact.tile_settings import check_vae_norm
 
         check_vae_norm(self.manifest, method)
         missing = [g for g in self._two_pass_graphs() if g not in self.runners] if method == "two-pass" else []
@@ -224,7 +224,7 @@ class SRPipeline:
 
     @staticmethod
     def _two_pass_graphs() -> list[str]:
-        from .tile_settings import TWO_PASS_GRAPHS
+        from ..artifact.tile_settings import TWO_PASS_GRAPHS
 
         return [g for graphs in TWO_PASS_GRAPHS.values() for g in graphs]
 

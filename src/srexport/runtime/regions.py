@@ -33,7 +33,7 @@ import torch
 from ..errors import UserError
 from ..kernels import COLOR_FIXES, resize
 from ..kernels.color import WAVELET_LEVELS, wavelet_color_fix
-from ..kernels.resize import _CONVOLUTION_FILTERS  # the filter table `resize` uses: same taps, banded
+from ..kernels.resize import CONVOLUTION_FILTERS  # the filter table `resize` uses: same taps, banded
 from ..kernels.tiling import reflect_indices
 from ..processing import Processing, check_input_size, pre_resize
 
@@ -68,7 +68,7 @@ class _Resample:
 
 def _pil_taps(in_size: int, out_size: int, filter: str, i: int) -> tuple[int, np.ndarray]:
     # Row i of kernels.resize's weight matrix (Pillow's formula), computed alone.
-    kernel, base_support, _ = _CONVOLUTION_FILTERS[filter]
+    kernel, base_support, _ = CONVOLUTION_FILTERS[filter]
     scale = in_size / out_size
     filter_scale = max(scale, 1.0)
     support = base_support * filter_scale

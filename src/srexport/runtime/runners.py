@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..export.specs import ComponentSpec
+from ..artifact.specs import ComponentSpec
 
 BACKENDS = ("ort", "torch", "ort-cuda", "trt")
 # Where each backend wants its inputs; the GPU runners carry their own ``device``.

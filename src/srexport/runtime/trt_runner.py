@@ -1,7 +1,7 @@
 """The TensorRT backend: an artifact's engines run on one CUDA stream, no host round-trips.
 
 ``trt_runners(artifact)`` checks every engine's manifest record against the
-running TensorRT and GPU (``export.engines.engine_problems``) before reading a
+running TensorRT and GPU (``artifact.compatibility.engine_problems``) before reading a
 byte of it, then deserialises the engines and gives each a runner with the
 same interface as ``OnnxRuntimeRunner`` (named torch tensors in and out).
 
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..export.engines import ENGINES_COMMAND, check_engine_compatible, current_machine, engine_notes, require_tensorrt
-from ..export.specs import ComponentSpec
+from ..artifact.compatibility import ENGINES_COMMAND, check_engine_compatible, current_machine, engine_notes, require_tensorrt
+from ..artifact.specs import ComponentSpec
 
 
 def _torch_dtypes(trt) -> dict:

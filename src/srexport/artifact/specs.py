@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 VAE_FACTOR = 8  # SD VAE: three 2x downsamplings

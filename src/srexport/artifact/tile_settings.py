@@ -1,7 +1,7 @@
 """Tile geometry settings: defaults, their reasoning, validation and the manifest section.
 
 Torch-free, so the CLI can show the defaults in ``--help`` without loading torch.
-The tiled execution itself is ``runtime.tiling``.
+The grids are ``artifact.tile_plan``; the tiled execution is ``runtime.tiling``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
-VAE_FACTOR = 8  # export.specs.VAE_FACTOR (kept here so this module needs no torch)
+VAE_FACTOR = 8  # artifact.specs.VAE_FACTOR (kept here so this module needs no torch)
 GAUSSIAN_VARIANCE = 0.01  # kernels.tiling.GAUSSIAN_VARIANCE: upstream's, relative to the squared tile size
 
 TILE_MULTIPLE = 64  # px: latent tiles stay multiples of 8 (the UNet's three 2x downsamplings)
@@ -103,7 +103,7 @@ class TilingSettings:
 
     def stages(self) -> dict:
         """The three tiled stages (``runtime.tiling.StageTiling``), each in its input's own pixels."""
-        from .tiling import StageTiling
+        from .tile_plan import StageTiling
 
         f = VAE_FACTOR
         return {
@@ -120,7 +120,6 @@ class TilingSettings:
     def to_manifest(self) -> dict:
         f = VAE_FACTOR
         return {
-            "unit": "output-resolution pixels; latent = pixels / 8",
             "tile": self.tile, "overlap": self.overlap, "batch": self.batch,
             "latent_tile": self.tile // f, "latent_overlap": self.overlap // f,
             "vae": {
@@ -128,21 +127,26 @@ class TilingSettings:
                 "decoder": {"tile": self.vae_tile, "overlap": self.vae_overlap, "batch": self.vae_batch,
                             "latent_tile": self.vae_tile // f, "latent_overlap": self.vae_overlap // f},
                 "norm": self.vae_norm,
-                "norm_method": VAE_NORMS[self.vae_norm],
             },
-            "blend": {"weights": "gaussian", "variance": GAUSSIAN_VARIANCE,
-                      "formula": "w(x) = exp(-(x - (T-1)/2)^2 / (2 * 0.01 * T^2)), outer product over the tile; "
-                                 "out = sum(w * tile) / sum(w)",
-                      "denoise_blends": "z0 (equal to blending eps: the denoise plan is affine per pixel)"},
-            "origins": "stride tile - overlap from 0, the last tile aligned to the far edge",
+            "blend": {"weights": "gaussian", "variance": GAUSSIAN_VARIANCE},
             "pad": self.pad,
-            "short_sides": ("reflect-padded up to the tile and cropped back" if self.pad else
-                            "run at their own length (images within one tile run whole)"),
-            "per_image_inputs": "inputs with a batch dim and no spatial dim (S3Diff scores) come from the "
-                                "whole image once and are repeated over each tile batch",
             "untiled_max_megapixels": self.untiled_max_megapixels,
-            "reasoning": REASONING + " " + VAE_NORM_REASONING,
+            "description": self.describe(),
         }
+
+    def describe(self) -> str:
+        """What the numbers of the tiling section mean, and why they are the defaults: for people;
+        no code reads it."""
+        short_sides = ("reflect-padded up to the tile and cropped back" if self.pad else
+                       "run at their own length (images within one tile run whole)")
+        return (
+            "Sizes in output-resolution pixels; latent = pixels / 8. Tiles sit on a stride of tile - overlap "
+            "from 0, the last tile aligned to the far edge; sides shorter than a tile are " + short_sides + ". "
+            "Blend: w(x) = exp(-(x - (T-1)/2)^2 / (2 * variance * T^2)), outer product over the tile; "
+            "out = sum(w * tile) / sum(w); the denoiser blends z0 (equal to blending eps: the denoise plan is "
+            "affine per pixel). Inputs with a batch dim and no spatial dim (S3Diff scores) come from the whole "
+            "image once and are repeated over each tile batch. VAE GroupNorm statistics: "
+            + VAE_NORMS[self.vae_norm] + ". " + REASONING + " " + VAE_NORM_REASONING)
 
     @classmethod
     def from_manifest(cls, section: dict) -> "TilingSettings":
@@ -152,7 +156,7 @@ class TilingSettings:
             vae_tile=int(vae.get("tile", section["tile"])), vae_overlap=int(vae.get("overlap", section["overlap"])),
             pad=bool(section.get("pad", False)),
             untiled_max_megapixels=float(section.get("untiled_max_megapixels", DEFAULT_UNTILED_MAX_MEGAPIXELS)),
-            vae_norm=_vae_norm_of(section.get("vae", {}).get("norm")),
+            vae_norm=section.get("vae", {}).get("norm", DEFAULT_VAE_NORM),
         )
 
 
@@ -174,11 +178,6 @@ def check_vae_norm(manifest: dict, method: str) -> str:
             raise UserError("this artifact has no two-pass VAE graphs (" + ", ".join(missing) + "); rebuild it "
                             "with 'srexport build ... --vae-norm two-pass', or run with --vae-norm per-tile")
     return method
-
-
-def _vae_norm_of(recorded: str | None) -> str:
-    """The manifest's vae.norm; artifacts from before the option recorded a sentence for per-tile."""
-    return DEFAULT_VAE_NORM if recorded is None or recorded.startswith("per tile (") else recorded
 
 
 def tiling_section(settings: TilingSettings | None = None) -> dict:

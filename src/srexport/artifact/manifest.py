@@ -26,7 +26,11 @@ from ..errors import UserError
 from .specs import ComponentSpec
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+# 2: the prose of v1's machine fields (tiling's unit/origins/short_sides/per_image_inputs/reasoning,
+# blend formula, vae norm_method; export cleanup's explanation; S3Diff's schedule step and LoRA
+# form) moved into ``description`` fields that no code reads. v1 folders load through ``migrate``.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
 _OWNER = ".srexport-build-pid"  # inside a build's temporary folder: the pid that fills it
 
@@ -182,14 +186,59 @@ def read_manifest(folder: Path, validate: bool = True) -> dict:
     if not isinstance(manifest, dict) or not {"files", "components", "model"} <= manifest.keys():
         raise UserError(f"{path} is not an srexport manifest (missing files/components/model); rebuild the artifact")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(f"{path} has format_version {version!r}; this srexport reads {FORMAT_VERSION}: rebuild the "
-                        "artifact")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise UserError(f"{path} has format_version {version!r}; this srexport reads "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}: rebuild the artifact")
+    manifest = migrate(manifest)
     if validate:
         validate_manifest(manifest, path)
         for entry in manifest["files"].values():
             contained_path(folder, entry["path"])
     return manifest
+
+
+def migrate(manifest: dict) -> dict:
+    """A manifest of any readable format version as the current one (in memory; the folder on disk
+    is not touched, and its file hashes do not cover manifest.json). The one place that knows
+    what older versions looked like."""
+    if manifest.get("format_version") == 1:
+        manifest = _v1_to_v2(manifest)
+    return manifest
+
+
+def _v1_to_v2(v1: dict) -> dict:
+    import copy
+
+    m = copy.deepcopy(v1)
+    m["format_version"] = 2
+
+    def into_description(section: dict, keys: list[str], extra: list[str] = ()) -> None:
+        prose = [*extra, *(f"{k}: {section.pop(k)}" for k in keys if k in section)]
+        if prose:
+            section["description"] = "; ".join(filter(None, [section.get("description"), *prose]))
+
+    tiling = m.get("tiling")
+    if isinstance(tiling, dict):
+        blend, vae = tiling.get("blend", {}), tiling.get("vae", {})
+        extra = [f"blend {k}: {blend.pop(k)}" for k in ("formula", "denoise_blends") if k in blend]
+        if isinstance(vae.get("norm"), str) and vae["norm"].startswith("per tile ("):
+            extra.append(f"vae norm: {vae['norm']}")  # before --vae-norm, a sentence meant per-tile
+            vae["norm"] = "per-tile"
+        if "norm_method" in vae:
+            extra.append(f"vae norm_method: {vae.pop('norm_method')}")
+        into_description(tiling, ["unit", "origins", "short_sides", "per_image_inputs", "reasoning"], extra)
+    export = m.get("export")
+    if isinstance(export, dict) and isinstance(export.get("cleanup"), str) and ";" in export["cleanup"]:
+        name, _, why = export["cleanup"].partition(";")
+        export["cleanup"] = name.strip()
+        into_description(export, [], [why.strip()])
+    schedule = m.get("schedule")
+    if isinstance(schedule, dict):
+        into_description(schedule, ["step"])
+    lora = m.get("model", {}).get("lora") if isinstance(m.get("model"), dict) else None
+    if isinstance(lora, dict):
+        into_description(lora, [k for k in ("scaling", "form") if isinstance(lora.get(k), str)])
+    return m
 
 
 @functools.lru_cache(maxsize=1)
