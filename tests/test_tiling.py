@@ -118,7 +118,7 @@ def test_settings_validate_and_round_trip():
     s = TilingSettings()
     assert (s.tile, s.overlap, s.batch, s.vae_tile, s.vae_batch) == (512, 128, 4, 1024, 1)
     section = tiling_section(s)
-    assert section["latent_tile"] == 64 and section["latent_overlap"] == 16 and section["reasoning"]
+    assert section["latent_tile"] == 64 and section["latent_overlap"] == 16 and "512 px is what SD 2.1-base" in section["description"]
     assert TilingSettings.from_manifest(section) == s
     for bad, flag in ((dict(tile=500), "--tile 500"), (dict(overlap=300), "--tile-overlap"),
                       (dict(vae_overlap=12), "--vae-tile-overlap"), (dict(batch=0), "--tile-batch")):
@@ -272,7 +272,7 @@ def _pipeline(art, tiling: TilingSettings, backend="ort", reference=None) -> SRP
 def test_demo_artifact_records_default_tiling(artifact_and_reference):
     art, _ = artifact_and_reference
     assert TilingSettings.from_manifest(art.manifest["tiling"]) == TilingSettings()
-    assert art.manifest["tiling"]["reasoning"]
+    assert "Whole-image runs" in art.manifest["tiling"]["description"]
 
 
 def test_tiled_onnx_equals_tiled_reference_and_reports_tiling_error(artifact_and_reference, small_lr):

@@ -130,7 +130,7 @@ def test_statistics_of_the_wrong_length_are_refused():
 def test_artifact_holds_two_pass_graphs_and_records_the_method(art_and_ref):
     art, _ = art_and_ref
     m = art.manifest
-    assert m["tiling"]["vae"]["norm"] == "two-pass" and "pooled" in m["tiling"]["vae"]["norm_method"]
+    assert m["tiling"]["vae"]["norm"] == "two-pass" and "pooled" in m["tiling"]["description"]
     assert TilingSettings.from_manifest(m["tiling"]).vae_norm == "two-pass"
     specs = art.components
     assert specs["vae_encoder_stats"].outputs[0].dims == ("batch", 22, 8, 2)
@@ -144,10 +144,13 @@ def test_artifact_holds_two_pass_graphs_and_records_the_method(art_and_ref):
     # the statistics graph stops at the last GroupNorm: the encoder's conv_out is not in it
     stats = onnx.load(str(art.component_file("vae_encoder_stats")))
     assert not any("conv_out" in n.name for n in stats.graph.node)
-    # an older manifest's sentence reads as per-tile
-    old = copy.deepcopy(m["tiling"])
-    old["vae"]["norm"] = "per tile (each tile's own GroupNorm statistics), blended"
-    assert TilingSettings.from_manifest(old).vae_norm == "per-tile"
+    # an older (format 1) manifest's sentence reads as per-tile, through the migration
+    from srexport.artifact.manifest import migrate
+
+    old = copy.deepcopy(m)
+    old["format_version"] = 1
+    old["tiling"]["vae"]["norm"] = "per tile (each tile's own GroupNorm statistics), blended"
+    assert TilingSettings.from_manifest(migrate(old)["tiling"]).vae_norm == "per-tile"
 
 
 def test_fp16_keeps_the_statistics_in_fp32(art_and_ref):
