@@ -606,14 +606,5 @@ def supported_ops(trt_major: int = 10) -> frozenset[str]:
     return frozenset(op for op, types in OP_SUPPORT[trt_major].items() if types is not None)
 
 
-def ops_in(model: onnx.ModelProto) -> dict[str, int]:
-    """Op type -> count over the whole model (subgraphs included), for reports."""
-    counts: dict[str, int] = defaultdict(int)
-    for node, _ in _all_nodes(model):
-        counts[node.op_type if node.domain in ("", "ai.onnx") else
-               f"{node.domain}::{node.op_type}"] += 1
-    return dict(sorted(counts.items()))
-
-
-__all__ = ["check_graph", "check_graph_or_raise", "supported_ops", "ops_in", "dtype_name",
+__all__ = ["check_graph", "check_graph_or_raise", "supported_ops", "dtype_name",
            "OP_SUPPORT", "OPSET_RANGE", "TABLE_SOURCE"]

@@ -8,7 +8,6 @@ named output tensors out, by the spec's names. The pipeline only ever calls
 
 from __future__ import annotations
 
-import os
 from typing import Protocol
 
 import numpy as np
@@ -89,10 +88,6 @@ def torch_runners(artifact, reference) -> dict[str, Runner]:
 
     modules = graph_modules(reference)
     return {name: TorchRunner(modules[name], spec) for name, spec in artifact.components.items()}
-
-
-def default_threads() -> int:
-    return max(1, os.cpu_count() or 1)
 
 
 def check_backend(name: str) -> str:
