@@ -109,7 +109,7 @@ def atomic_folder(target: Path, force: bool = False, note=None):
         note(f"removed {len(stale)} temporary folder(s) left by a killed build of {target.name}: "
              + ", ".join(p.name for p in stale))
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an artifact is meant to be shared
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; an artifact is meant to be shared
     try:
         (tmp / _OWNER).write_text(str(os.getpid()))
         yield tmp
@@ -139,12 +139,13 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
     with os.fdopen(fd, "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=False)
         f.write("\n")
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)
     return path
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (reading it means setting it; set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

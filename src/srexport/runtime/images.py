@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..artifact.manifest import current_umask
 from ..errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -105,18 +106,12 @@ def save_image(image: torch.Tensor, path: str | Path) -> Path:
     os.close(fd)
     try:
         tensor_to_pil(image).save(tmp, format=_FORMATS[path.suffix.lower()])
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; an image is a user's file like others
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; an image is a user's file like others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def list_images(folder: Path) -> list[Path]:
