@@ -905,7 +905,13 @@ def test_a_v1_manifest_loads_through_the_migration(tmp_path, name):
     if "schedule" in v1:
         assert "step" not in manifest["schedule"] and v1["schedule"]["step"] in manifest["schedule"]["description"]
         assert "form" not in manifest["model"]["lora"]
-    machine = {k: v for k, v in v1.items() if k not in ("format_version", "tiling", "export", "schedule", "model")}
+    stages = {name: c["spec"]["stage"] for name, c in manifest["components"].items()}
+    assert stages == {**({"degradation": "degradation"} if "degradation" in stages else {}),
+                      "vae_encoder": "encode", "unet": "denoise", "vae_decoder": "decode"}
+    for name, component in manifest["components"].items():  # the spec otherwise as it was
+        assert {k: v for k, v in component["spec"].items() if k != "stage"} == v1["components"][name]["spec"]
+    machine = {k: v for k, v in v1.items()
+               if k not in ("format_version", "tiling", "export", "schedule", "model", "components")}
     assert {k: manifest[k] for k in machine} == machine  # everything else as it was
 
 

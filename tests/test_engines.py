@@ -100,7 +100,7 @@ def test_profiles_from_the_demo_artifacts_own_tiling(demo_artifact):
 
 
 def test_artifact_without_tiling_gets_whole_image_profiles():
-    geometries, source = engine_geometries({"processing": {"scale": 4, "min_lr_side": 32}}, ["unet"], 2)
+    geometries, source = engine_geometries({"processing": {"scale": 4, "min_lr_side": 32}}, {"unet": unet_spec()}, 2)
     assert [(g.batch, g.height) for g in geometries["unet"]] == [(1, 64), (2, 128), (2, 256)]
     assert "no tiling" in source
 

@@ -127,7 +127,11 @@ def test_settings_validate_and_round_trip():
 
 
 def test_tile_geometries_for_engine_profiles():
-    manifest = {"processing": PISA.to_dict(), "tiling": tiling_section(TilingSettings())}
+    from srexport.artifact.specs import degradation_spec, unet_spec, vae_decoder_spec
+
+    components = {s.name: {"spec": s.to_dict()} for s in (vae_encoder_spec(), unet_spec(), vae_decoder_spec(),
+                                                           degradation_spec())}
+    manifest = {"processing": PISA.to_dict(), "tiling": tiling_section(TilingSettings()), "components": components}
     # PiSA at min_lr_side 32 (process size 128): sides never go below 128 px
     assert tile_geometries(manifest, "unet") == (Geometry(1, 128, 128), Geometry(4, 512, 512), Geometry(4, 512, 512))
     assert tile_geometries(manifest, "vae_decoder") == (Geometry(1, 128, 128), Geometry(1, 1024, 1024),
@@ -135,8 +139,10 @@ def test_tile_geometries_for_engine_profiles():
     assert tile_geometries(manifest) == (Geometry(1, 128, 128), Geometry(4, 512, 512), Geometry(4, 1024, 1024))
     # upstream's process size 512: 512 px sides, but int(128 / h * h) = 127 for h in (49, 98, 103, 107)
     at_512 = dict(PISA.to_dict(), min_lr_side=128)
-    assert tile_geometries({"processing": at_512, "tiling": manifest["tiling"]}, "unet")[0] == Geometry(1, 504, 504)
-    padded = {"processing": S3DIFF.to_dict(), "tiling": tiling_section(TilingSettings(pad=True))}
+    assert tile_geometries({"processing": at_512, "tiling": manifest["tiling"], "components": components},
+                           "unet")[0] == Geometry(1, 504, 504)
+    padded = {"processing": S3DIFF.to_dict(), "tiling": tiling_section(TilingSettings(pad=True)),
+              "components": components}
     low, typical, high = tile_geometries(padded, "vae_encoder")
     assert low == Geometry(1, 1024, 1024) and high == Geometry(1, 1024, 1024)
     profile = vae_encoder_spec(with_scores=True).profile(low, typical, high)

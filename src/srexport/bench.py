@@ -103,17 +103,9 @@ SCHEMA_VERSION = 1
 # Looser than the build's (calibration.precision.BOUNDS): they also judge the PyTorch fp16
 # eager baseline, which keeps no normalisation in fp32. They catch a broken backend.
 DEFAULT_MIN_PSNR = {"fp32": 50.0, "fp16": 30.0, "bf16": 28.0, "int8": 25.0}
-# Which stage a component's time and FLOPs belong to.
-COMPONENT_STAGE = {"degradation": "degradation", "vae_encoder": "encode", "vae_decoder": "decode",
-                   "vae_encoder_stats": "encode", "vae_encoder_pooled": "encode",
-                   "vae_decoder_stats": "decode", "vae_decoder_pooled": "decode"}
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 # What --backends accepts: the runtime's backends plus the torch.compile baseline.
 BENCH_BACKENDS = ("torch", "torch-compile", *(b for b in BACKENDS if b != "torch"))
-
-
-def stage_of(component: str) -> str:
-    return COMPONENT_STAGE.get(component, "denoise")
 
 
 @dataclass
@@ -636,7 +628,7 @@ def _size_entry(artifact, size: dict, result: dict, calls: dict, artifact_costs)
         return entry
     stages: dict = {}
     for component, cost in per_component.items():
-        stage = stage_of(component)
+        stage = artifact.components[component].stage  # the spec's role: time and FLOPs go to its stage
         stages[stage] = stages[stage] + cost if stage in stages else cost
     entry["cost"] = {stage: cost.to_dict() for stage, cost in stages.items()}
     return entry

@@ -28,7 +28,8 @@ from .specs import ComponentSpec
 MANIFEST = "manifest.json"
 # 2: the prose of v1's machine fields (tiling's unit/origins/short_sides/per_image_inputs/reasoning,
 # blend formula, vae norm_method; export cleanup's explanation; S3Diff's schedule step and LoRA
-# form) moved into ``description`` fields that no code reads. v1 folders load through ``migrate``.
+# form) moved into ``description`` fields that no code reads; every component spec says its pipeline
+# ``stage``. v1 folders load through ``migrate``.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
@@ -236,6 +237,11 @@ def _v1_to_v2(v1: dict) -> dict:
     schedule = m.get("schedule")
     if isinstance(schedule, dict):
         into_description(schedule, ["step"])
+    for name, component in (m.get("components") or {}).items():
+        spec = component.get("spec") if isinstance(component, dict) else None
+        if isinstance(spec, dict) and "stage" not in spec:  # v1 told stages apart by component name
+            spec["stage"] = ("degradation" if name == "degradation" else "encode" if name.startswith("vae_encoder")
+                             else "decode" if name.startswith("vae_decoder") else "denoise")
     lora = m.get("model", {}).get("lora") if isinstance(m.get("model"), dict) else None
     if isinstance(lora, dict):
         into_description(lora, [k for k in ("scaling", "form") if isinstance(lora.get(k), str)])

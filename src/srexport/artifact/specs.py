@@ -17,6 +17,13 @@ from dataclasses import dataclass, field
 import torch
 
 VAE_FACTOR = 8  # SD VAE: three 2x downsamplings
+# The pipeline stage a component serves, in pipeline order. A "whole-image" stage runs once on the
+# whole LR image (S3Diff's degradation estimator); the others run per tile.
+STAGES = ("degradation", "encode", "denoise", "decode")
+WHOLE_IMAGE_STAGES = ("degradation",)
+# Dims that make an input spatial: an input with a batch dim and none of these is per-image
+# (computed once from the whole image, repeated over a batch of tiles).
+SPATIAL_DIMS = frozenset({"height", "width", "latent_height", "latent_width", "lr_height", "lr_width"})
 LATENT_CHANNELS = 4
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -96,6 +103,28 @@ class ComponentSpec:
     # Not its own output's error: how much of that reaches the image differs per graph
     # (S3Diff's UNet returns z0 = (z - sqrt(1-a) eps) / sqrt(a), 14.6x its eps error at t=999).
     min_output_psnr: dict[str, float] = field(default_factory=dict, compare=False)
+    # Its role: the pipeline stage it serves (STAGES). The runtime, the tile plan, the engine
+    # profiles and the bench read this, never the component's name.
+    stage: str = "denoise"
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"component {self.name}: stage {self.stage!r} is not one of {', '.join(STAGES)}")
+
+    @property
+    def whole_image(self) -> bool:
+        """Runs once on the whole LR image, not per tile."""
+        return self.stage in WHOLE_IMAGE_STAGES
+
+    @property
+    def per_image_inputs(self) -> list[str]:
+        """Inputs with a batch dim and no spatial dim: one value per image, repeated over tiles."""
+        return [t.name for t in self.inputs if "batch" in t.dims and not SPATIAL_DIMS & set(t.dims)]
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the first output (dims batch, channels, ...)."""
+        return int(self.outputs[0].dims[1])
 
     @property
     def input_names(self) -> list[str]:
@@ -129,6 +158,7 @@ class ComponentSpec:
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "size_multiple": self.size_multiple,
+            "stage": self.stage,
         }
         if self.extra:
             d["extra"] = self.extra
@@ -146,6 +176,7 @@ class ComponentSpec:
             d.get("size_multiple", VAE_FACTOR),
             d.get("extra", {}),
             d.get("min_output_psnr", {}),
+            d["stage"],
         )
 
 
@@ -165,6 +196,7 @@ def vae_encoder_spec(with_scores: bool = False) -> ComponentSpec:
         "vae_encoder", inputs, (LATENT,),
         "image in [-1,1] -> latent mean * 0.18215 (the posterior mean, not a sample)"
         + ("; VAE LoRA modulated by degradation scores" if with_scores else ""),
+        stage="encode",
     )
 
 
@@ -177,6 +209,7 @@ def vae_decoder_spec() -> ComponentSpec:
     return ComponentSpec(
         "vae_decoder", (DENOISED,), (DECODED,),
         "denoised latent -> image: decode(denoised / 0.18215) clamped to [-1,1]",
+        stage="decode",
     )
 
 
@@ -184,5 +217,5 @@ def degradation_spec() -> ComponentSpec:
     return ComponentSpec(
         "degradation", (LR_IMAGE,), (SCORES,),
         "low-resolution image in [0,1] -> degradation scores (blur, noise) in (0,1)",
-        size_multiple=1,
+        size_multiple=1, stage="degradation",
     )

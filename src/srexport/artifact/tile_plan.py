@@ -12,13 +12,9 @@ from dataclasses import dataclass
 from ..errors import UserError
 from ..kernels.tiling import tile_origins
 from ..processing import Processing
-from .specs import VAE_FACTOR, Geometry
+from .specs import VAE_FACTOR, WHOLE_IMAGE_STAGES, Geometry
 from .tile_settings import TilingSettings, manifest_tiling
 
-_COMPONENT_STAGE = {"vae_encoder": "encode", "vae_decoder": "decode",  # any other tiled graph: denoise
-                    "vae_encoder_stats": "encode", "vae_encoder_pooled": "encode",
-                    "vae_decoder_stats": "decode", "vae_decoder_pooled": "decode"}
-_UNTILED_COMPONENTS = ("degradation",)
 
 
 def tile_geometries(manifest: dict, component: str | None = None) -> tuple[Geometry, Geometry, Geometry]:
@@ -33,11 +29,12 @@ def tile_geometries(manifest: dict, component: str | None = None) -> tuple[Geome
     settings = manifest_tiling(manifest)
     if settings is None:
         raise UserError("this artifact has no tiling section; rebuild it with this srexport to get one")
-    if component in _UNTILED_COMPONENTS:
+    role = None if component is None else manifest["components"][component]["spec"]["stage"]
+    if role in WHOLE_IMAGE_STAGES:
         raise ValueError(f"{component} runs once on the whole LR image, not per tile")
     scale = int(manifest["processing"]["scale"])
     stages = settings.stages()
-    names = ["encode", "denoise", "decode"] if component is None else [_COMPONENT_STAGE.get(component, "denoise")]
+    names = ["encode", "denoise", "decode"] if component is None else [role]
     smallest_side = _smallest_side(Processing.from_dict(manifest["processing"]))
     shapes = {}  # stage -> (smallest side, tile side, batch), output-resolution pixels
     for name in names:

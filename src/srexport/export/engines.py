@@ -53,9 +53,8 @@ TIMING_CACHE_SUFFIX = ".trt-timing-cache"
 # --hardware-compat value -> TensorRT's HardwareCompatibilityLevel member name.
 HARDWARE_LEVELS = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
 
-# Components that run once on the whole LR image, not per tile (S3Diff's
-# degradation estimator): their profile spans image sizes, batch 1.
-WHOLE_IMAGE_COMPONENTS = ("degradation",)
+# Components that run once on the whole LR image (spec.whole_image: S3Diff's degradation
+# estimator) get a profile that spans image sizes, batch 1, up to this LR side.
 WHOLE_IMAGE_MAX_LR_SIDE = 2048
 
 
@@ -98,21 +97,21 @@ def timing_cache_path(folder: Path, options: EngineOptions) -> Path:
     return folder.parent / (folder.name + TIMING_CACHE_SUFFIX)
 
 
-def engine_geometries(manifest: dict, components, tile_batch: int | None = None
+def engine_geometries(manifest: dict, components: dict[str, ComponentSpec], tile_batch: int | None = None
                       ) -> tuple[dict[str, tuple[Geometry, Geometry, Geometry]], str]:
     """component -> (smallest, typical, largest) geometry of its profile, and where the shapes came from.
 
     Tiled components get the tiles the tiled runtime calls them with, batch 1
     to ``tile_batch`` (default: the artifact's tiling batch); components that
-    run once on the whole LR image (``WHOLE_IMAGE_COMPONENTS``) span image sizes.
+    run once on the whole LR image (``ComponentSpec.whole_image``) span image sizes.
     """
     from ..runtime.tiling import tile_geometries  # the single source of the tile shapes
 
     scale = int(manifest["processing"]["scale"])
     out: dict[str, tuple[Geometry, Geometry, Geometry]] = {}
     source = "whole images only"
-    for name in components:
-        if name in WHOLE_IMAGE_COMPONENTS:
+    for name, spec in components.items():
+        if spec.whole_image:
             out[name] = whole_image_geometries(manifest)
             continue
         if has_tiling(manifest):
@@ -357,8 +356,7 @@ def build_engines(folder: str | Path, options: EngineOptions = EngineOptions(), 
         manifest["components"][name]["engine"] = record
     manifest["engines"] = {
         "tensorrt_version": trt.__version__, "built_on": machine.to_dict(), "precision": precision,
-        "tile_batch": max((g[2].batch for n, g in geometries.items() if n not in WHOLE_IMAGE_COMPONENTS),
-                          default=None),
+        "tile_batch": max((g[2].batch for n, g in geometries.items() if not specs[n].whole_image), default=None),
         "shapes_from": tile_source, "timing_cache": cache_path.name,
     }
     manifest.setdefault("checks", {})["tensorrt_parser"] = parser_check(folder, manifest)

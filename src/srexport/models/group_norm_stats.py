@@ -251,12 +251,12 @@ def two_pass_specs(specs: dict[str, ComponentSpec], modules: dict[str, nn.Module
             stats_name, spec.inputs, (tile_stats,),
             f"two-pass tiled VAE, first pass: a tile -> its GroupNorm statistics ({what}), each GroupNorm "
             f"normalising with the tile's own; {plain}'s computation up to its last GroupNorm",
-            spec.size_multiple)
+            spec.size_multiple, stage=spec.stage)
         out[pooled_name] = ComponentSpec(
             pooled_name, (*spec.inputs, given), spec.outputs,
             f"two-pass tiled VAE, second pass: {plain} with every GroupNorm normalising with the given "
             f"statistics ({what}; the runtime pools the first pass's over all tiles of the image)",
-            spec.size_multiple)
+            spec.size_multiple, stage=spec.stage)
     return out
 
 

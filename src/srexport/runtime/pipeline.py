@@ -312,10 +312,7 @@ class SRPipeline:
         env.update(lr_image=lr, image=prepared.model_input)
         timer.stop("preprocess")
 
-        if "degradation" in self.runners:
-            timer.start("degradation")
-            env.update(self._run("degradation", env))
-            timer.stop("degradation")
+        self._run_whole_image(env, timer)
 
         timer.start("encode")
         env.update(self._run("vae_encoder", env))
@@ -335,6 +332,19 @@ class SRPipeline:
         out.seconds, out.total_seconds = timer.seconds(), timer.total()
         return out
 
+    @property
+    def _denoised_channels(self) -> int:
+        """What the denoise plan's graphs return per pixel (their spec, not a literal 4)."""
+        return self.runners[self.denoise_plan["terms"][0]["component"]].spec.output_channels
+
+    def _run_whole_image(self, env: dict, timer: Timer) -> None:
+        """The components whose spec says they run once on the whole LR image, each timed as its stage."""
+        for component, runner in self.runners.items():
+            if runner.spec.whole_image:
+                timer.start(runner.spec.stage)
+                env.update(self._run(component, env))
+                timer.stop(runner.spec.stage)
+
     def _run_tiled(self, lr: torch.Tensor, timer: Timer) -> StageOutputs:
         """The tiled stages (see runtime/tiling.py); preprocessing happens per encoder tile."""
         out = StageOutputs()
@@ -347,24 +357,21 @@ class SRPipeline:
         stages = self.tiling.stages()
         grids = tiling_.plan_tiles(self.tiling, *source.size)
 
-        if "degradation" in self.runners:  # per-image scores from the whole LR image, once
-            timer.start("degradation")
-            env.update(self._run("degradation", env))
-            timer.stop("degradation")
+        self._run_whole_image(env, timer)  # per-image inputs (S3Diff's scores) from the whole LR image, once
 
         grid = grids["encode"]
         env["latent"] = self._vae_stage(
-            "vae_encoder", stages["encode"], grid, "image", 4, env, timer, "preprocess",
+            "vae_encoder", stages["encode"], grid, "image", env, timer, "preprocess",
             lambda origins: torch.cat([source.model_tile(y, x, grid.tile_h, grid.tile_w) for y, x in origins]))
 
         stage, grid = stages["denoise"], grids["denoise"]
         env["denoised"] = tiling_.run_stage(
             stage, grid, tiling_.latent_reader(env["latent"], grid),
             lambda tiles: self._denoise(dict(env, latent=tiles), tiled=True),
-            tiling_.BlendCanvas(grid, stage, 4, lr.device), self.progress, timer)
+            tiling_.BlendCanvas(grid, stage, self._denoised_channels, lr.device), self.progress, timer)
 
         grid = grids["decode"]
-        decoded = self._vae_stage("vae_decoder", stages["decode"], grid, "denoised", 3, env, timer, None,
+        decoded = self._vae_stage("vae_decoder", stages["decode"], grid, "denoised", env, timer, None,
                                   tiling_.latent_reader(env["denoised"], grid))
 
         timer.start("postprocess")
@@ -373,7 +380,7 @@ class SRPipeline:
         out.seconds, out.total_seconds = timer.seconds(), timer.total()
         return out
 
-    def _vae_stage(self, plain: str, stage, grid, tiled_input: str, channels: int, env: dict, timer,
+    def _vae_stage(self, plain: str, stage, grid, tiled_input: str, env: dict, timer,
                    read_stage, read) -> torch.Tensor:
         """A tiled VAE stage: ``plain`` over the tiles, blended; with two-pass GroupNorm, first
         its stats graph over the tiles into a pool (env gets the pooled statistics), then its
@@ -390,7 +397,7 @@ class SRPipeline:
             env[norm_stats_name(plain)] = tiling_.run_stage(
                 stage, grid, read, compute(stats_graph, tile_stats_name(plain)), StatsPool(), self.progress, timer,
                 read_stage, label=tiling_.stats_label(stage.name)).to(env["lr_image"].device)
-        canvas = tiling_.BlendCanvas(grid, stage, channels, env["lr_image"].device)
+        canvas = tiling_.BlendCanvas(grid, stage, self.runners[plain].spec.output_channels, env["lr_image"].device)
         return tiling_.run_stage(stage, grid, read, compute(component, output), canvas, self.progress, timer,
                                  read_stage)
 

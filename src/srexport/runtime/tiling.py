@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
-from ..artifact.specs import ComponentSpec
+from ..artifact.specs import SPATIAL_DIMS, ComponentSpec
 from ..kernels.tiling import GAUSSIAN_VARIANCE, extract_tiles, gaussian_weights
 from ..artifact.tile_plan import StageTiling, TileGrid, plan_tiles, tile_geometries  # noqa: F401  (the runtime's API)
 from ..artifact.tile_settings import (  # settings: torch-free, for the CLI
@@ -121,9 +121,6 @@ class BlendCanvas:
 
 
 # --- running a stage ---------------------------------------------------------------------
-
-SPATIAL_DIMS = frozenset({"height", "width", "latent_height", "latent_width", "lr_height", "lr_width"})
-
 
 def tile_feeds(spec: ComponentSpec, tiled_input: str, tiles: torch.Tensor, env: dict) -> dict[str, torch.Tensor]:
     """Feeds for one tile batch: the tiles under ``tiled_input``; every other input with a
