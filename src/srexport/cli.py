@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UserError
+from .models.kinds import MODEL_KINDS
 
 EXIT_PARITY_FAILED = 1
 
@@ -45,7 +46,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "error numbers on it mean something), for s3diff the same structure with seeded, untrained weights. The VAE encoder returns the latent posterior "
             "mean; upstream samples from the posterior."),
     )
-    b.add_argument("--model", choices=["pisa-sr", "s3diff"], default="pisa-sr",
+    b.add_argument("--model", choices=list(MODEL_KINDS), default="pisa-sr",
                    help="which upstream model (default: pisa-sr)")
     b.add_argument("--base", type=Path,
                    help="local diffusers folder: Stable Diffusion 2.1-base (pisa-sr) or SD-Turbo (s3diff)")
@@ -298,18 +299,11 @@ def cmd_engines(args) -> int:
     return 0
 
 
-# build options that belong to one model, and their defaults (None on the command line: not given)
-MODEL_OPTIONS = {
-    "pisa-sr": {"lambda_pix": 1.0, "lambda_sem": 1.0, "guidance": "merged", "process_size": 512, "size_policy": "pad"},
-    "s3diff": {"degradation": "dynamic", "cfg_scale": 1.07},
-}
-
-
 def _model_options(args) -> None:
     """Refuse an option of the other model in one line (it would be ignored); fill in this
     model's defaults."""
-    for model, options in MODEL_OPTIONS.items():
-        for option, default in options.items():
+    for model, kind in MODEL_KINDS.items():
+        for option, default in kind.build_options.items():
             given = getattr(args, option)
             if model != args.model and given is not None:
                 flag = "--" + option.replace("_", "-")
@@ -337,12 +331,12 @@ def cmd_build(args) -> int:
         from .models.base import read_scheduler_config, validate_base_folder
 
         validate_base_folder(args.base)
-        if args.model == "s3diff":
+        if MODEL_KINDS[args.model].reads_scheduler_config:
             read_scheduler_config(args.base)
         for flag, path in (("--checkpoint", args.checkpoint), ("--de-net", args.de_net)):
             if path is not None and not path.is_file():
                 raise UserError(f"{flag} {path} does not exist")
-    prepare, source, settings = (_pisa_build if args.model == "pisa-sr" else _s3diff_build)(args)
+    prepare, source, settings = BUILDS[args.model](args)
     if source.demo and not args.quiet:
         from .models.sources import demo_description
 
@@ -408,6 +402,9 @@ def _s3diff_build(args):
         raise UserError("--degradation dynamic needs the estimator: pass --de-net de_net.pth "
                         "(or a fixed --degradation BLUR,NOISE)")
     return prepare_s3diff, S3DiffSource(args.base, args.checkpoint, args.de_net if settings.dynamic else None), settings
+
+
+BUILDS = {"pisa-sr": _pisa_build, "s3diff": _s3diff_build}  # model kind -> (recipe, source, settings) from flags
 
 
 def cmd_run(args) -> int:
