@@ -90,6 +90,7 @@ from typing import Callable
 import torch
 
 from . import __version__
+from .artifact.precisions import PRECISIONS
 from .errors import UserError
 from .models.group_norm_stats import graph_modules
 from .parity import compare
@@ -102,8 +103,8 @@ SCHEMA_VERSION = 1
 # End-to-end PSNR bounds against the fp32 reference, per precision (dB, output in [0,1]).
 # Looser than the build's (calibration.precision.BOUNDS): they also judge the PyTorch fp16
 # eager baseline, which keeps no normalisation in fp32. They catch a broken backend.
-DEFAULT_MIN_PSNR = {"fp32": 50.0, "fp16": 30.0, "bf16": 28.0, "int8": 25.0}
-ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+DEFAULT_MIN_PSNR = {name: p.bench_min_psnr for name, p in PRECISIONS.items()}
+ELEMENT_BYTES = {name: p.element_bytes for name, p in PRECISIONS.items()}
 # What --backends accepts: the runtime's backends plus the torch.compile baseline.
 BENCH_BACKENDS = ("torch", "torch-compile", *(b for b in BACKENDS if b != "torch"))
 
@@ -240,7 +241,7 @@ class _CastingTorchRunner:
 
 
 def _torch_pipeline(artifact, reference, device: str, precision: str, compiled: bool) -> SRPipeline:
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = getattr(torch, PRECISIONS[precision].torch_dtype)
     modules = graph_modules(reference)
     runners = {}
     for name, spec in artifact.components.items():

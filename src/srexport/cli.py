@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UserError
+from .artifact.precisions import DEFAULT_PRECISION, GRAPH_PRECISIONS
 from .models.kinds import MODEL_KINDS
 
 EXIT_PARITY_FAILED = 1
@@ -81,7 +82,7 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, help="artifact folder to write (default: artifacts/<model>-x<scale>[-demo])")
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
     b.add_argument("--quiet", action="store_true", help="print only the artifact path")
-    b.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16",
+    b.add_argument("--precision", choices=list(GRAPH_PRECISIONS), default=DEFAULT_PRECISION,
                    help="precision of the graphs, set in the ONNX itself as strongly typed TensorRT needs: fp16 (norms, "
                         "softmax and measured overflow kept fp32), int8 (symmetric Q/DQ on Conv/MatMul, the rest fp16) "
                         "or fp32. Inputs and outputs stay float32. The fp32 graphs are checked first; the chosen "

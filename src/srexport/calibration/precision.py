@@ -36,8 +36,8 @@ from ..errors import QualityError, UserError
 from ..models.group_norm_stats import TWO_PASS_COMPONENTS, add_whole_image_stats, graph_modules, statistics_nodes
 from .capture import CalibrationSettings, builtin_photos_available
 
-PRECISIONS = ("fp32", "fp16", "int8")
-DEFAULT_PRECISION = "fp16"
+from ..artifact.precisions import DEFAULT_PRECISION, GRAPH_PRECISIONS as PRECISIONS  # noqa: F401
+from ..artifact.precisions import PRECISIONS as _REGISTRY
 IO_DTYPE = "float32"  # every precision: graphs take and return float32 (Casts inside)
 # Components an int8 build keeps in fp16, and why.
 INT8_AS_FP16 = {"degradation": "S3Diff's estimator runs once per image on the LR image; its scores "
@@ -52,10 +52,8 @@ FP16_SCAN_TILES = 8  # fp16 needs activation ranges only: fewer tiles than int8'
 # (S3Diff's UNet returns z0, its eps error amplified 14.6x at t=999; at 1.8e-2 rel L2 in fp16
 # the demo still reaches 47 dB end to end). Chosen from the README's table, with margin.
 BOUNDS: dict[str, dict] = {
-    "fp32": {"component_max_abs": 1e-3, "component_rel_l2": None, "end_to_end_min_psnr": 50.0},
-    "fp16": {"component_max_abs": None, "component_rel_l2": None, "end_to_end_min_psnr": 40.0},
-    "int8": {"component_max_abs": None, "component_rel_l2": None, "end_to_end_min_psnr": 30.0},
-}
+    name: {"component_max_abs": _REGISTRY[name].component_max_abs, "component_rel_l2": None,
+           "end_to_end_min_psnr": _REGISTRY[name].end_to_end_min_psnr} for name in PRECISIONS}
 
 
 def bounds_for(precision: str, specs: dict) -> dict:
