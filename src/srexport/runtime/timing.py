@@ -228,13 +228,15 @@ class HostMemoryProbe:
         return psutil.Process().memory_info().rss
 
     def __enter__(self) -> "HostMemoryProbe":
-        self.baseline = self.peak = self.rss()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self._kernel = _vm_hwm() is not None
         except OSError:
             self._kernel = False
+        # read after the reset: the high-water mark starts at this RSS, so peak - baseline is what
+        # the window added even when RSS fell between an earlier read and the reset
+        self.baseline = self.peak = self.rss()
         if not self._kernel:
             self._stop.clear()
             self._thread = threading.Thread(target=self._sample, daemon=True)
