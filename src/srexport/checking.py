@@ -26,7 +26,7 @@ import torch
 
 from .models.group_norm_stats import (TWO_PASS_COMPONENTS, TWO_PASS_OF, add_whole_image_stats, comparable,
                                       graph_modules, norm_stats_name, tile_stats_name)
-from .parity import Parity, compare, ssim
+from .parity import Parity, compare, ssim, worst
 from .processing import postprocess
 from .runtime.pipeline import SRPipeline
 from .runtime.runners import CPU, TorchRunner
@@ -36,6 +36,14 @@ COMPONENT_MAX_ABS = 1e-3
 END_TO_END_MIN_PSNR = 50.0
 # PSNR ranges: images are compared on their own scale, latents on the reference's range.
 _PEAK_TO_PEAK = {"decoded": 2.0, "image": 2.0, "scores": 1.0}
+
+
+def compare_outputs(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> Parity:
+    """One component's outputs against the reference's: the comparison build, check and precision
+    measurement all make. The worst of each number over the outputs; images and scores over
+    their value range, latents over the reference's own, statistics standardised."""
+    return worst(compare(*comparable(name, actual[name], value), peak_to_peak=_PEAK_TO_PEAK.get(name))
+                 for name, value in expected.items())
 
 
 def _silent(message: str) -> None:
@@ -165,13 +173,7 @@ def check_image(pipeline: SRPipeline, reference, lr: torch.Tensor, name: str, ex
         expected = expected_for(pipeline, reference, lr)
     note(f"{name}: each graph on the reference's inputs")
     actual = {c: runner(expected.feeds[c]) for c, runner in pipeline.runners.items()}
-    components = {}
-    for c, outputs in expected.outputs.items():
-        worst = None
-        for out_name, value in outputs.items():
-            p = compare(*comparable(out_name, actual[c][out_name], value), peak_to_peak=_PEAK_TO_PEAK.get(out_name))
-            worst = p if worst is None or p.max_abs > worst.max_abs else worst
-        components[c] = worst
+    components = {c: compare_outputs(actual[c], outputs) for c, outputs in expected.outputs.items()}
     alone = {}
     if each_alone:
         note(f"{name}: each graph alone in the reference pipeline")

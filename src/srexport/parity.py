@@ -44,6 +44,16 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, peak_to_peak: float | 
     return Parity(float(diff.abs().max()), psnr, rel)
 
 
+def worst(parities) -> Parity:
+    """The worst of each number over several comparisons (a component's outputs, its check
+    shapes): largest max abs, lowest PSNR, largest relative L2, each on its own."""
+    parities = list(parities)
+    if not parities:
+        raise ValueError("nothing was compared")
+    return Parity(max(p.max_abs for p in parities), min(p.psnr_db for p in parities),
+                  max(p.rel_l2 for p in parities))
+
+
 def ssim(actual: torch.Tensor, expected: torch.Tensor, data_range: float = 1.0) -> float:
     """Mean SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03),
     per channel then averaged, over valid windows only (as scikit-image's

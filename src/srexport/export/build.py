@@ -19,9 +19,9 @@ import torch
 
 from .. import __version__
 from ..errors import UserError
-from ..parity import compare
+from ..parity import compare, worst as worst_of
 from ..samples import SAMPLE_NAME, sample_image
-from ..artifact.manifest import FORMAT_VERSION, atomic_folder, load_artifact, write_manifest
+from ..artifact.manifest import FORMAT_VERSION, Artifact, atomic_folder, load_artifact, write_manifest
 from .onnx_export import OPSET, data_file_name, export_onnx
 from ..artifact.tile_settings import tiling_section
 from ..artifact.specs import ComponentSpec, Geometry
@@ -84,20 +84,15 @@ def versions() -> dict[str, str]:
 
 def check_components(modules: dict, specs: dict[str, ComponentSpec], folder: Path, progress: Progress) -> dict:
     """Each ONNX graph against its PyTorch module, at every check geometry."""
-    from ..models.group_norm_stats import comparable
+    from ..checking import compare_outputs
     from ..runtime.runners import OnnxRuntimeRunner, TorchRunner
 
     results = {}
     for name, spec in specs.items():
         onnx_runner = OnnxRuntimeRunner(folder / f"{name}.onnx", spec)
         torch_runner = TorchRunner(modules[name], spec)
-        worst = None
-        for i, geometry in enumerate(CHECK_GEOMETRIES):
-            feeds = spec.sample_inputs(geometry, seed=100 + i)
-            for out_name, expected in torch_runner(feeds).items():
-                p = compare(*comparable(out_name, onnx_runner(feeds)[out_name], expected))
-                if worst is None or p.rel_l2 > worst.rel_l2:
-                    worst = p
+        feeds = [spec.sample_inputs(geometry, seed=100 + i) for i, geometry in enumerate(CHECK_GEOMETRIES)]
+        worst = worst_of(compare_outputs(onnx_runner(f), torch_runner(f)) for f in feeds)
         results[name] = dict(worst.to_dict(), shapes=[dataclasses.asdict(g) for g in CHECK_GEOMETRIES])
         progress.note(f"{name}: onnxruntime vs PyTorch {worst.describe()}")
         if not worst.rel_l2 <= COMPONENT_MAX_REL_L2:
@@ -162,7 +157,7 @@ def write_artifact(recipe: Recipe, out: Path, force: bool, progress: Progress, p
         manifest["checks"] = {"components": check_components(modules, specs, tmp, progress), **recipe.checks}
 
         progress("checking the whole ONNX pipeline against the PyTorch reference")
-        pipeline = SRPipeline(manifest, ort_runners(_Unverified(tmp, manifest)), tiled=False)  # as the reference
+        pipeline = SRPipeline(manifest, ort_runners(Artifact(tmp, manifest)), tiled=False)  # as the reference
         end_to_end = compare(pipeline(sample_image()), recipe.sample_output, peak_to_peak=1.0)
         progress.note(f"end to end: {end_to_end.describe()}")
         if end_to_end.psnr_db < END_TO_END_MIN_PSNR:
@@ -216,17 +211,3 @@ def build(prepare, source, settings, out: Path, force: bool = False, quiet: bool
     loaded = source.load()
     progress(f"loaded {'the built-in demo' if source.demo else source.base}", started=progress.start)
     return write_artifact(prepare(source, loaded, settings, progress), out, force, progress, precision, tiling)
-
-
-class _Unverified:
-    """An artifact still being built: the runners read graphs before hashing."""
-
-    def __init__(self, folder: Path, manifest: dict):
-        self.folder, self.manifest = folder, manifest
-
-    @property
-    def components(self):
-        return {n: ComponentSpec.from_dict(c["spec"]) for n, c in self.manifest["components"].items()}
-
-    def component_file(self, name: str, kind: str = "onnx") -> Path:
-        return self.folder / self.manifest["files"][self.manifest["components"][name]["files"][kind]]["path"]
