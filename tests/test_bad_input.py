@@ -915,6 +915,38 @@ def test_a_v1_manifest_loads_through_the_migration(tmp_path, name):
     assert {k: manifest[k] for k in machine} == machine  # everything else as it was
 
 
+def test_a_v1_manifest_from_before_bounds_precision_and_pad_gets_the_values_it_ran_with(tmp_path):
+    """The first artifacts had no checks.bounds, export.precision, tiling.pad, untiled limit or
+    VAE tiling section: the migration fills in what srexport then did, and readers find them."""
+    from srexport.artifact.manifest import read_manifest
+    from srexport.artifact.tile_settings import TilingSettings
+
+    v1 = json.loads((Path(__file__).parent / "data" / "manifest_v1_pisa_demo.json").read_text())
+    del v1["checks"]["bounds"], v1["export"]["precision"], v1["export"]["io_dtype"]
+    for key in ("pad", "untiled_max_megapixels", "vae"):
+        del v1["tiling"][key]
+    (tmp_path / "manifest.json").write_text(json.dumps(v1))
+    manifest = read_manifest(tmp_path)
+    assert manifest["export"]["precision"] == "fp32" and manifest["checks"]["bounds"] == {
+        "component_max_abs": 1e-3, "component_rel_l2": None, "end_to_end_min_psnr": 50.0, "precision": "fp32"}
+    settings = TilingSettings.from_manifest(manifest["tiling"])
+    assert (settings.vae_tile, settings.vae_overlap, settings.pad, settings.vae_norm,
+            settings.untiled_max_megapixels) == (512, 128, False, "per-tile", 2.1)
+
+
+def test_the_schema_names_the_registries_choices():
+    from srexport.artifact.manifest import manifest_schema
+    from srexport.artifact.precisions import GRAPH_PRECISIONS
+    from srexport.artifact.specs import STAGES
+    from srexport.artifact.tile_settings import VAE_NORMS
+
+    schema = manifest_schema()
+    assert schema["properties"]["tiling"]["properties"]["vae"]["properties"]["norm"]["enum"] == list(VAE_NORMS)
+    assert schema["properties"]["checks"]["properties"]["bounds"]["properties"]["precision"]["enum"] == list(
+        GRAPH_PRECISIONS)
+    assert schema["$defs"]["component_spec"]["properties"]["stage"]["enum"] == list(STAGES)
+
+
 def test_current_builds_write_the_current_version(artifact):
     from srexport.artifact.manifest import FORMAT_VERSION
 

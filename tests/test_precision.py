@@ -197,7 +197,7 @@ def test_no_nan_or_inf_on_calibration_and_held_out(fp16, int8):
     """Every converted graph on the captured calibration inputs; the held-out photos went through
     the build's measurement, which raises on any non-finite output (next test)."""
     from srexport.calibration import cache
-    from srexport.calibration.precision import runners_for
+    from srexport.runtime.runners import ort_runners
 
     for art in (fp16, int8):
         record = art.manifest["checks"]["precision"]
@@ -206,17 +206,18 @@ def test_no_nan_or_inf_on_calibration_and_held_out(fp16, int8):
                    (record["onnxruntime_cpu"], record["fp16_rounding"]))
         captured = cache.load(record["calibration"]["cache_key"])
         assert captured is not None
-        for name, runner in runners_for(art.folder, art.manifest).items():
+        for name, runner in ort_runners(art).items():
             feeds = {k: torch.from_numpy(v) for k, v in captured[name].items()}  # all tiles as one batch
             for out in runner(feeds).values():
                 assert torch.isfinite(out).all(), f"{art.manifest['export']['precision']} {name}"
 
 
 def test_nan_fails_the_measurement_loudly(fp16, reference, small_lr):
-    from srexport.calibration.precision import measure, runners_for
+    from srexport.calibration.precision import measure
+    from srexport.runtime.runners import ort_runners
     from srexport.runtime.pipeline import SRPipeline
 
-    runners = runners_for(fp16.folder, fp16.manifest)
+    runners = ort_runners(fp16)
     decoder = runners["vae_decoder"]
 
     class Overflowing:
@@ -381,7 +382,8 @@ def test_bounds_are_per_component_from_the_specs():
     int8 builds); fp32 keeps graph-vs-module max abs."""
     import dataclasses
 
-    from srexport.calibration.precision import bounds_for, bounds_of
+    from srexport.artifact.manifest import migrate
+    from srexport.artifact.precisions import bounds_for
     from srexport.export.s3diff_recipe import S3DiffSettings, s3diff_specs
 
     specs = s3diff_specs(S3DiffSettings())
@@ -393,8 +395,10 @@ def test_bounds_are_per_component_from_the_specs():
     specs["unet"] = dataclasses.replace(specs["unet"], min_output_psnr={"fp16": 45.0})
     assert bounds_for("fp16", specs)["components"]["unet"] == {"min_output_psnr": 45.0}
     assert bounds_for("int8", specs)["components"]["unet"] == {"min_output_psnr": 30.0}
-    # an artifact's recorded bounds win; one without them gets its precision's defaults
-    manifest = {"export": {"precision": "fp16"}, "components": {n: {"spec": s.to_dict()} for n, s in specs.items()}}
-    assert bounds_of(manifest)["components"]["unet"] == {"min_output_psnr": 45.0}
-    assert bounds_of(dict(manifest, checks={"bounds": {"end_to_end_min_psnr": 40.0, "component_rel_l2": 1e-2}})) == {
-        "end_to_end_min_psnr": 40.0, "component_rel_l2": 1e-2}
+    # a v1 artifact built before bounds were recorded gets its precision's defaults in the
+    # migration; recorded bounds are kept as they are
+    v1 = {"format_version": 1, "export": {"precision": "fp16"},
+          "components": {n: {"spec": s.to_dict()} for n, s in specs.items()}}
+    assert migrate(v1)["checks"]["bounds"]["components"]["unet"] == {"min_output_psnr": 45.0}
+    recorded = {"end_to_end_min_psnr": 40.0, "component_rel_l2": 1e-2}
+    assert migrate(dict(v1, checks={"bounds": recorded}))["checks"]["bounds"] == recorded

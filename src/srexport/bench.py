@@ -75,6 +75,7 @@ the host's call overhead and the final synchronisation.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import gc
@@ -95,7 +96,7 @@ from .errors import UserError
 from .models.group_norm_stats import graph_modules
 from .parity import compare
 from .runtime.pipeline import STAGES, SRPipeline
-from .runtime.runners import BACKENDS
+from .runtime.runners import BACKENDS, TorchRunner
 from .runtime.timing import DeviceMemoryProbe, HostMemoryProbe, make_timer, summarize
 
 SCHEMA = "srexport.bench"
@@ -225,21 +226,6 @@ class Variant:
                 "reason": self.reason}
 
 
-class _CastingTorchRunner:
-    """A PyTorch module at a device and dtype: inputs cast in, outputs cast back to fp32."""
-
-    backend = "torch"
-
-    def __init__(self, module: torch.nn.Module, spec, device: str, dtype: torch.dtype):
-        self.spec, self.module, self.device, self.dtype = spec, module, device, dtype
-
-    @torch.no_grad()
-    def __call__(self, feeds):
-        out = self.module(*(feeds[n].to(self.device, self.dtype) for n in self.spec.input_names))
-        outs = out if isinstance(out, tuple) else (out,)
-        return {n: o.float() for n, o in zip(self.spec.output_names, outs)}
-
-
 def _torch_pipeline(artifact, reference, device: str, precision: str, compiled: bool) -> SRPipeline:
     dtype = getattr(torch, PRECISIONS[precision].torch_dtype)
     modules = graph_modules(reference)
@@ -250,7 +236,7 @@ def _torch_pipeline(artifact, reference, device: str, precision: str, compiled: 
             module = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
         if compiled:
             module = torch.compile(module)
-        runners[name] = _CastingTorchRunner(module, spec, device, dtype)
+        runners[name] = TorchRunner(module, spec, dtype)
     return SRPipeline(artifact.manifest, runners)
 
 
@@ -386,7 +372,7 @@ def _run_bench(artifact_path, config: BenchConfig, log) -> dict:
         gpu = detect_gpu(torch.cuda.get_device_name(device)) if device.startswith("cuda") else DEFAULT_GPU
     peaks = resolve_peaks(gpu, config.peak_tflops, config.peak_gbps)
     artifact = load_artifact(artifact_path)
-    precision = artifact.manifest.get("export", {}).get("precision", "fp32")
+    precision = artifact.manifest["export"]["precision"]
     variants = plan_variants(config.backends, device, config.compile, precision)
 
     log(f"loading the PyTorch fp32 reference ({artifact.model}) on {device}")
@@ -550,7 +536,7 @@ def _measure(variant: Variant, size: dict, config: BenchConfig, need_shapes: boo
     output_size = None
     host = HostMemoryProbe()
     dev = DeviceMemoryProbe(device) if device.startswith("cuda") else None
-    with host, (dev if dev is not None else _Nothing()):
+    with host, (dev if dev is not None else contextlib.nullcontext()):
         for i in range(config.iters):
             index = (config.warmup + i) % k
             timer = make_timer(device, variant.stream, config.timer)
@@ -595,14 +581,6 @@ def _measure(variant: Variant, size: dict, config: BenchConfig, need_shapes: boo
         "roofline": {},
     }
     return result, calls
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _record_shapes(pipeline: SRPipeline, run) -> dict:

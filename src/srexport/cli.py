@@ -541,7 +541,7 @@ def cmd_check(args) -> int:
     import time
 
     from .samples import SAMPLE_NAME, sample_image
-    from .calibration.precision import bounds_of, component_output_bounds
+    from .calibration.precision import component_output_bounds
     from .checking import check_image, expected_for, failures
     from .artifact.manifest import load_artifact
     from .runtime.images import load_image
@@ -557,8 +557,8 @@ def cmd_check(args) -> int:
     images = [(p.name, load_image(p)) for p in args.images] or [(SAMPLE_NAME, sample_image())]
     artifact = load_artifact(args.artifact)
     reference = reference_for(artifact, args.base, args.checkpoint, args.de_net)
-    bounds = bounds_of(artifact.manifest)  # recorded at build, per precision
-    precision = artifact.manifest.get("export", {}).get("precision", "fp32")
+    bounds = artifact.manifest["checks"]["bounds"]  # recorded at build, per precision
+    precision = artifact.manifest["export"]["precision"]
     max_abs = args.max_abs if args.max_abs is not None else bounds.get("component_max_abs")
     max_rel = args.max_rel_l2 if args.max_rel_l2 is not None else bounds.get("component_rel_l2")
     min_psnr = args.min_psnr if args.min_psnr is not None else bounds["end_to_end_min_psnr"]
@@ -590,13 +590,14 @@ def cmd_check(args) -> int:
         if precision != "fp32" and args.backend == "ort":
             # onnxruntime's CPU provider computes fp16 regions in fp32: also run the graphs' twins
             # that round every fp16 tensor, as fp16 GPU kernels do (see calibration.fp16)
-            from .calibration.precision import emulated_dir, runners_for
+            from .artifact.manifest import Artifact
+            from .calibration.precision import emulated_dir
 
             twin = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="srexport-fp16-")))
             note("writing the graphs' fp16-rounding twins")
             emulated_dir(artifact.folder, artifact.manifest, twin)
             ways["ort, fp16 rounding"] = lambda: SRPipeline(artifact.manifest,
-                                                            runners_for(twin, artifact.manifest, arena=False))
+                                                            ort_runners(Artifact(twin, artifact.manifest), arena=False))
         for way, make in ways.items():
             note(f"{way}: loading the graphs")
             pipeline = make()

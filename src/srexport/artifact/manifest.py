@@ -221,6 +221,7 @@ def _v1_to_v2(v1: dict) -> dict:
 
     tiling = m.get("tiling")
     if isinstance(tiling, dict):
+        _add_tiling_defaults(tiling)
         blend, vae = tiling.get("blend", {}), tiling.get("vae", {})
         extra = [f"blend {k}: {blend.pop(k)}" for k in ("formula", "denoise_blends") if k in blend]
         if isinstance(vae.get("norm"), str) and vae["norm"].startswith("per tile ("):
@@ -230,6 +231,9 @@ def _v1_to_v2(v1: dict) -> dict:
             extra.append(f"vae norm_method: {vae.pop('norm_method')}")
         into_description(tiling, ["unit", "origins", "short_sides", "per_image_inputs", "reasoning"], extra)
     export = m.get("export")
+    if isinstance(export, dict):  # the first artifacts, before --precision, were all fp32
+        export.setdefault("precision", "fp32")
+        export.setdefault("io_dtype", "float32")
     if isinstance(export, dict) and isinstance(export.get("cleanup"), str) and ";" in export["cleanup"]:
         name, _, why = export["cleanup"].partition(";")
         export["cleanup"] = name.strip()
@@ -245,7 +249,35 @@ def _v1_to_v2(v1: dict) -> dict:
     lora = m.get("model", {}).get("lora") if isinstance(m.get("model"), dict) else None
     if isinstance(lora, dict):
         into_description(lora, [k for k in ("scaling", "form") if isinstance(lora.get(k), str)])
+    checks = m.setdefault("checks", {})
+    if isinstance(checks, dict) and "bounds" not in checks:  # built before bounds were recorded
+        _add_default_bounds(m)
     return m
+
+
+def _add_tiling_defaults(tiling: dict) -> None:
+    """Fields the first tiling sections left out, at the values srexport then ran them with."""
+    from .tile_settings import DEFAULT_UNTILED_MAX_MEGAPIXELS, DEFAULT_VAE_NORM
+
+    tiling.setdefault("pad", False)
+    tiling.setdefault("untiled_max_megapixels", DEFAULT_UNTILED_MAX_MEGAPIXELS)
+    vae = tiling.setdefault("vae", {})
+    if isinstance(vae, dict) and {"tile", "overlap"} <= tiling.keys():
+        for part in ("encoder", "decoder"):
+            vae.setdefault(part, {"tile": tiling["tile"], "overlap": tiling["overlap"], "batch": 1})
+        vae.setdefault("norm", DEFAULT_VAE_NORM)
+
+
+def _add_default_bounds(m: dict) -> None:
+    from .precisions import PRECISIONS, bounds_for
+
+    precision = (m.get("export") or {}).get("precision")
+    try:
+        specs = {n: ComponentSpec.from_dict(c["spec"]) for n, c in m["components"].items()}
+    except (KeyError, TypeError, ValueError):
+        return  # a broken spec: validation names it
+    if precision in PRECISIONS:
+        m["checks"]["bounds"] = bounds_for(precision, specs)
 
 
 @functools.lru_cache(maxsize=1)

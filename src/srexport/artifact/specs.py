@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-VAE_FACTOR = 8  # SD VAE: three 2x downsamplings
+from .tile_settings import VAE_FACTOR  # noqa: F401  (held torch-free there for the CLI)
 # The pipeline stage a component serves, in pipeline order. A "whole-image" stage runs once on the
 # whole LR image (S3Diff's degradation estimator); the others run per tile.
 STAGES = ("degradation", "encode", "denoise", "decode")
@@ -26,7 +26,7 @@ WHOLE_IMAGE_STAGES = ("degradation",)
 SPATIAL_DIMS = frozenset({"height", "width", "latent_height", "latent_width", "lr_height", "lr_width"})
 LATENT_CHANNELS = 4
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # a tensor spec's dtype names
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,10 @@ class TensorSpec:
     def dynamic_axes(self) -> dict[int, str]:
         return {i: d for i, d in enumerate(self.dims) if isinstance(d, str)}
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
+
     def sample(self, geometry: Geometry, generator: torch.Generator) -> torch.Tensor:
         shape = self.shape(geometry)
         if self.value_range is None:
@@ -72,7 +76,7 @@ class TensorSpec:
         else:
             lo, hi = self.value_range
             t = torch.rand(shape, generator=generator) * (hi - lo) + lo
-        return t.to(_TORCH_DTYPES[self.dtype])
+        return t.to(self.torch_dtype)
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "dims": list(self.dims), "dtype": self.dtype}

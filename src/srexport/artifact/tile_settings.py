@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
-VAE_FACTOR = 8  # artifact.specs.VAE_FACTOR (kept here so this module needs no torch)
-GAUSSIAN_VARIANCE = 0.01  # kernels.tiling.GAUSSIAN_VARIANCE: upstream's, relative to the squared tile size
+VAE_FACTOR = 8  # SD VAE: three 2x downsamplings (here, not in the torch-using specs, for the CLI)
+GAUSSIAN_VARIANCE = 0.01  # the tile blend's, upstream's value: relative to the squared tile size
 
 TILE_MULTIPLE = 64  # px: latent tiles stay multiples of 8 (the UNet's three 2x downsamplings)
 OVERLAP_MULTIPLE = VAE_FACTOR  # px: a whole number of latent pixels
@@ -150,13 +150,13 @@ class TilingSettings:
 
     @classmethod
     def from_manifest(cls, section: dict) -> "TilingSettings":
-        vae = section.get("vae", {}).get("decoder", {})
+        """From a validated manifest's section (older formats are migrated to it first)."""
+        vae = section["vae"]
         return cls(
             tile=int(section["tile"]), overlap=int(section["overlap"]), batch=int(section["batch"]),
-            vae_tile=int(vae.get("tile", section["tile"])), vae_overlap=int(vae.get("overlap", section["overlap"])),
-            pad=bool(section.get("pad", False)),
-            untiled_max_megapixels=float(section.get("untiled_max_megapixels", DEFAULT_UNTILED_MAX_MEGAPIXELS)),
-            vae_norm=section.get("vae", {}).get("norm", DEFAULT_VAE_NORM),
+            vae_tile=int(vae["decoder"]["tile"]), vae_overlap=int(vae["decoder"]["overlap"]),
+            pad=bool(section["pad"]), untiled_max_megapixels=float(section["untiled_max_megapixels"]),
+            vae_norm=vae["norm"],
         )
 
 

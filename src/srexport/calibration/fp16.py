@@ -38,6 +38,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..runtime.runners import session_options
+
 FP16_MAX = 65504.0
 # Op types computed in fp32 inside fp16 graphs, and why (recorded in the manifest).
 FP32_OPS: dict[str, str] = {
@@ -97,10 +99,8 @@ def activation_peaks(fp32_path, samples: dict[str, np.ndarray], cache=None) -> d
     onnx.save_model(model, str(augmented))
     del model
     try:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(augmented), session_options(ort, optimization="ORT_ENABLE_BASIC"),
+                                       providers=["CPUExecutionProvider"])
         wanted = [f"__peak{k}" for k in range(len(names))]
         peaks = np.zeros(len(names))
         count = len(next(iter(samples.values())))

@@ -37,46 +37,9 @@ from ..models.group_norm_stats import TWO_PASS_COMPONENTS, add_whole_image_stats
 from .capture import CalibrationSettings, builtin_photos_available
 
 from ..artifact.precisions import DEFAULT_PRECISION, GRAPH_PRECISIONS as PRECISIONS  # noqa: F401
-from ..artifact.precisions import PRECISIONS as _REGISTRY
+from ..artifact.precisions import PRECISIONS as _REGISTRY, bounds_for
 IO_DTYPE = "float32"  # every precision: graphs take and return float32 (Casts inside)
-# Components an int8 build keeps in fp16, and why.
-INT8_AS_FP16 = {"degradation": "S3Diff's estimator runs once per image on the LR image; its scores "
-                               "modulate every LoRA layer"}
 FP16_SCAN_TILES = 8  # fp16 needs activation ranges only: fewer tiles than int8's calibration
-
-# Default bounds per precision (check uses the manifest's copy). fp32: graph vs module max
-# abs. fp16/int8: per component, the output PSNR (dB, output in [0,1]) of the pipeline with
-# only that graph converted (its spec's ``min_output_psnr``, else the end-to-end bound of the
-# precision it is converted to), and end to end PSNR, both against the fp32 PyTorch reference.
-# A graph's own rel L2 is recorded, not bounded: what it says about the image differs per graph
-# (S3Diff's UNet returns z0, its eps error amplified 14.6x at t=999; at 1.8e-2 rel L2 in fp16
-# the demo still reaches 47 dB end to end). Chosen from the README's table, with margin.
-BOUNDS: dict[str, dict] = {
-    name: {"component_max_abs": _REGISTRY[name].component_max_abs, "component_rel_l2": None,
-           "end_to_end_min_psnr": _REGISTRY[name].end_to_end_min_psnr} for name in PRECISIONS}
-
-
-def bounds_for(precision: str, specs: dict) -> dict:
-    """The bounds a build of ``precision`` records (``checks.bounds``) for these component specs."""
-    bounds = dict(BOUNDS[precision], precision=precision)
-    if precision != "fp32":
-        made = {name: "fp16" if name in INT8_AS_FP16 else precision for name in specs}
-        bounds["components"] = {
-            name: {"min_output_psnr": spec.min_output_psnr.get(precision, BOUNDS[made[name]]["end_to_end_min_psnr"])}
-            for name, spec in specs.items()}
-    return bounds
-
-
-def bounds_of(manifest: dict) -> dict:
-    """The artifact's bounds (recorded at build), else the defaults of its precision."""
-    recorded = manifest.get("checks", {}).get("bounds")
-    if recorded:
-        return recorded
-    from ..artifact.specs import ComponentSpec
-
-    specs = {n: ComponentSpec.from_dict(c["spec"]) for n, c in manifest.get("components", {}).items()}
-    return bounds_for(manifest.get("export", {}).get("precision", "fp32"), specs)
-
 
 def component_output_bounds(bounds: dict) -> dict[str, float]:
     """Component -> least output PSNR with that graph alone converted (none for fp32, and for
@@ -206,12 +169,13 @@ def convert_graphs(folder: Path, manifest: dict, reference, options: PrecisionOp
     details: dict[str, dict] = {}
     for name, spec in specs.items():
         t = time.perf_counter()
+        made = _REGISTRY[precision].for_stage(spec.stage).name  # int8 builds keep some stages fp16
         fp32_path = fp32_dir / f"{name}.onnx"
         large = _large(fp32_path)
         work = folder / f".work-{name}"
         work.mkdir()
         try:
-            if precision == "fp16" or name in INT8_AS_FP16:
+            if made == "fp16":
                 peaks = activation_peaks(fp32_path, inputs[name], _range_cache(calibration, fp32_path, "peaks"))
                 peak = max(peaks.values(), default=0.0)
                 model = onnx.load(str(fp32_path), load_external_data=True)
@@ -222,8 +186,8 @@ def convert_graphs(folder: Path, manifest: dict, reference, options: PrecisionOp
                                  "fp32_activation_peak": round(peak, 3)}
                 if statistics:
                     details[name]["groupnorm_statistics_fp32_nodes"] = len(statistics)
-                if precision == "int8":
-                    details[name]["precision"] = "fp16 (" + INT8_AS_FP16[name] + ")"
+                if made != precision:
+                    details[name]["precision"] = f"{made} ({_REGISTRY[precision].stage_precisions[spec.stage][1]})"
                 note = (f"largest fp32 activation {peak:.3g}; kept fp32: {sum(details[name]['fp32_ops'].values())} "
                         f"nodes ({', '.join(sorted(details[name]['fp32_ops']))})"
                         + (f", {len(keep)} for range" if keep else ""))
@@ -254,7 +218,6 @@ def convert_graphs(folder: Path, manifest: dict, reference, options: PrecisionOp
         finally:
             shutil.rmtree(work, ignore_errors=True)
         size = sum(p.stat().st_size for p in _graph_files(folder, name)) / 2**20
-        made = "fp16" if precision == "fp16" or name in INT8_AS_FP16 else precision
         progress.note(f"{name}.onnx ({made}) {size:.1f} MiB, {time.perf_counter() - t:.1f} s: {note}")
 
     import importlib.metadata as md
@@ -287,15 +250,6 @@ def emulated_dir(folder: Path, manifest: dict, out: Path) -> Path:
         path = folder / manifest["files"][component["files"]["onnx"]]["path"]
         save_model(emulate_fp16(onnx.load(str(path), load_external_data=True)), out / f"{name}.onnx")
     return out
-
-
-def runners_for(folder: Path, manifest: dict, threads: int | None = None, arena: bool = True) -> dict:
-    from ..artifact.specs import ComponentSpec
-    from ..runtime.runners import OnnxRuntimeRunner
-
-    return {name: OnnxRuntimeRunner(folder / f"{name}.onnx", ComponentSpec.from_dict(c["spec"]), threads=threads,
-                                    arena=arena)
-            for name, c in manifest["components"].items()}
 
 
 def measurement_inputs(scale: int, held_out_lr: int) -> list[tuple[str, torch.Tensor]]:
@@ -378,14 +332,16 @@ def measure_artifact_folder(folder: Path, manifest: dict, reference, options: Pr
                             enforce: bool = True) -> dict:
     """The converted graphs in ``folder`` against the fp32 reference; raises on NaN/Inf, and on a
     missed bound when ``enforce`` (a build; the record lists them either way)."""
+    from ..artifact.manifest import Artifact
     from ..runtime.pipeline import SRPipeline
+    from ..runtime.runners import ort_runners
 
     images = measurement_inputs(manifest["processing"]["scale"], options.held_out_lr)
     twin = emulated_dir(folder, manifest, folder / ".fp16-rounding")
     try:
         # whole images: the error of a precision, not of tiling (measured apart)
-        pipelines = {"onnxruntime_cpu": SRPipeline(manifest, runners_for(folder, manifest), tiled=False),
-                     "fp16_rounding": SRPipeline(manifest, runners_for(twin, manifest), tiled=False)}
+        pipelines = {"onnxruntime_cpu": SRPipeline(manifest, ort_runners(Artifact(folder, manifest)), tiled=False),
+                     "fp16_rounding": SRPipeline(manifest, ort_runners(Artifact(twin, manifest)), tiled=False)}
         result = measure(pipelines, reference, images)
     finally:
         shutil.rmtree(twin, ignore_errors=True)
