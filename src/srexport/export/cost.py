@@ -212,7 +212,7 @@ def _attr(node, name: str, default):
 def _dense_flops(node, dims) -> int:
     op = node.op_type
     if op == "MatMul":
-        a, b, y = dims(node.input[0]), dims(node.input[1]), dims(node.output[0])
+        a, y = dims(node.input[0]), dims(node.output[0])
         k = a[-1]
         # y holds the broadcast batch and M x N: every output element is a K-long dot product.
         return 2 * int(np.prod(y)) * k

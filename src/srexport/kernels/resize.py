@@ -133,23 +133,30 @@ def _nearest_weights(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
-def _convolution_weights(in_size: int, out_size: int, filter: str) -> np.ndarray:
+def convolution_taps(in_size: int, out_size: int, filter: str, i: int) -> tuple[int, list[float]]:
+    """Output pixel ``i``'s first input pixel and float64 weights, by Pillow's formula (one row
+    of the resize matrix: a region of an image needs only its own rows)."""
     kernel, base_support, _ = CONVOLUTION_FILTERS[filter]
     scale = in_size / out_size
     filter_scale = max(scale, 1.0)  # stretch only when downsampling (antialias)
     support = base_support * filter_scale
     inverse_filter_scale = 1.0 / filter_scale  # multiply, as Pillow does, for bit-equal weights
+    center = (i + 0.5) * scale
+    # int() truncates toward zero like Pillow's C cast; the clip makes the sign moot.
+    first = max(int(center - support + 0.5), 0)
+    stop = min(int(center + support + 0.5), in_size)
+    row = [kernel((j - center + 0.5) * inverse_filter_scale) for j in range(first, stop)]
+    total = sum(row)
+    if total != 0.0:
+        row = [w / total for w in row]
+    return first, row
+
+
+def _convolution_weights(in_size: int, out_size: int, filter: str) -> np.ndarray:
     weights = np.zeros((out_size, in_size), dtype=np.float64)
     for i in range(out_size):
-        center = (i + 0.5) * scale
-        # int() truncates toward zero like Pillow's C cast; the clip makes the sign moot.
-        first = max(int(center - support + 0.5), 0)
-        stop = min(int(center + support + 0.5), in_size)
-        row = [kernel((j - center + 0.5) * inverse_filter_scale) for j in range(first, stop)]
-        total = sum(row)
-        if total != 0.0:
-            row = [w / total for w in row]
-        weights[i, first:stop] = row
+        first, row = convolution_taps(in_size, out_size, filter, i)
+        weights[i, first:first + len(row)] = row
     return weights
 
 

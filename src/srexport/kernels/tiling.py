@@ -15,11 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from srexport.artifact.tile_settings import GAUSSIAN_VARIANCE
 from srexport.errors import UserError
 
 __all__ = [
     "blend_tiles",
     "extract_tiles",
+    "gaussian_1d",
     "gaussian_weights",
     "reflect_indices",
     "tile_grid",
@@ -27,10 +29,10 @@ __all__ = [
     "weight_sum",
 ]
 
-GAUSSIAN_VARIANCE = 0.01  # relative to the squared tile size (upstream value)
 
 
-def _gaussian_1d(size: int, var: float) -> torch.Tensor:
+def gaussian_1d(size: int, var: float = GAUSSIAN_VARIANCE) -> torch.Tensor:
+    """(size,) float64 Gaussian tile weight along one axis (``gaussian_weights`` is its outer product)."""
     x = torch.arange(size, dtype=torch.float64)
     midpoint = (size - 1) / 2
     return torch.exp(-((x - midpoint) ** 2) / (2 * var * size * size))
@@ -40,7 +42,7 @@ def gaussian_weights(tile_h: int, tile_w: int, var: float = GAUSSIAN_VARIANCE) -
     """(tile_h, tile_w) float32 blending weights, peaked at the tile centre."""
     if tile_h < 1 or tile_w < 1 or var <= 0:
         raise UserError(f"Gaussian tile weights need positive sizes and variance, got {tile_h}x{tile_w}, var={var}")
-    return torch.outer(_gaussian_1d(tile_h, var), _gaussian_1d(tile_w, var)).float()
+    return torch.outer(gaussian_1d(tile_h, var), gaussian_1d(tile_w, var)).float()
 
 
 def tile_origins(size: int, tile: int, overlap: int) -> list[int]:

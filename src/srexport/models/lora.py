@@ -23,6 +23,15 @@ def lora_delta(base: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float
     return (scaling * delta).to(base.weight.dtype)
 
 
+def lora_shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The (A, B) shapes a rank-``rank`` LoRA pair must have on ``base``; None if LoRA can't wrap it."""
+    if isinstance(base, nn.Linear):
+        return (rank, base.in_features), (base.out_features, rank)
+    if isinstance(base, nn.Conv2d):
+        return (rank, base.in_channels, *base.kernel_size), (base.out_channels, rank, 1, 1)
+    return None
+
+
 def lora_pairs(state_dict: dict[str, torch.Tensor], adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``<module>.lora_A.<adapter>.weight`` / ``lora_B`` keys -> {module: (A, B)}."""
     a_suffix, b_suffix = f".lora_A.{adapter}.weight", f".lora_B.{adapter}.weight"

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import UserError
 from .configs import PEFT_DEFAULT_LORA_ALPHA
-from .lora import lora_delta, lora_pairs
+from .lora import lora_delta, lora_pairs, lora_shapes
 
 BRANCHES = ("pix", "sem")
 PARTS = ("encoder", "decoder", "others")
@@ -152,13 +152,10 @@ def validate_against_unet(ckpt: PisaCheckpoint, unet: nn.Module) -> None:
             base = modules.get(module)
             if base is None:
                 raise UserError(f"{where}: LoRA module {module} does not exist in the base UNet; is --base SD 2.1-base?")
-            if isinstance(base, nn.Linear):
-                want_a, want_b = (rank, base.in_features), (base.out_features, rank)
-            elif isinstance(base, nn.Conv2d):
-                want_a = (rank, base.in_channels, *base.kernel_size)
-                want_b = (base.out_channels, rank, 1, 1)
-            else:
+            shapes = lora_shapes(base, rank)
+            if shapes is None:
                 raise UserError(f"{where}: LoRA on {module} ({type(base).__name__}) is not a Linear or Conv2d")
+            want_a, want_b = shapes
             if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
                 raise UserError(
                     f"{where}: {module} ({branch}) LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit "

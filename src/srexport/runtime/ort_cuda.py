@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..artifact.specs import ComponentSpec, Geometry, VAE_FACTOR
+from .runners import session_options
 
 NEEDS = "--backend ort-cuda needs onnxruntime-gpu and an NVIDIA GPU: pip install onnxruntime-gpu"
 PROVIDER = "CUDAExecutionProvider"
@@ -98,11 +99,8 @@ class OrtCudaRunner:
 
     def _session(self):
         ort = self.ort
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
         try:
-            session = ort.InferenceSession(self.path, options,
+            session = ort.InferenceSession(self.path, session_options(ort),
                                            providers=[(PROVIDER, self._provider_options()), "CPUExecutionProvider"])
         except Exception as exc:
             if not self.cuda_graphs:

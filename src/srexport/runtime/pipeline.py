@@ -228,6 +228,15 @@ class SRPipeline:
 
         return [g for graphs in TWO_PASS_GRAPHS.values() for g in graphs]
 
+    def _plain_graph(self, stage: str) -> str:
+        """The one-pass graph serving a VAE stage, by its spec (the two-pass graphs serve it too)."""
+        two_pass = self._two_pass_graphs()
+        graphs = [n for n, r in self.runners.items() if r.spec.stage == stage and n not in two_pass]
+        if len(graphs) != 1:
+            raise ValueError(f"the artifact has {len(graphs)} graphs for the {stage} stage ({', '.join(graphs)}); "
+                             "one is needed")
+        return graphs[0]
+
     def _two_pass(self, grid: tiling_.TileGrid) -> bool:
         """Whether a VAE stage over ``grid`` runs two passes (one tile: the tile's own statistics
         are the image's, and the plain graph computes exactly that)."""
@@ -315,7 +324,7 @@ class SRPipeline:
         self._run_whole_image(env, timer)
 
         timer.start("encode")
-        env.update(self._run("vae_encoder", env))
+        env.update(self._run(self._plain_graph("encode"), env))
         timer.stop("encode")
 
         timer.start("denoise")
@@ -323,7 +332,7 @@ class SRPipeline:
         timer.stop("denoise")
 
         timer.start("decode")
-        env.update(self._run("vae_decoder", env))
+        env.update(self._run(self._plain_graph("decode"), env))
         timer.stop("decode")
 
         timer.start("postprocess")
@@ -361,7 +370,7 @@ class SRPipeline:
 
         grid = grids["encode"]
         env["latent"] = self._vae_stage(
-            "vae_encoder", stages["encode"], grid, "image", env, timer, "preprocess",
+            self._plain_graph("encode"), stages["encode"], grid, "image", env, timer, "preprocess",
             lambda origins: torch.cat([source.model_tile(y, x, grid.tile_h, grid.tile_w) for y, x in origins]))
 
         stage, grid = stages["denoise"], grids["denoise"]
@@ -371,7 +380,7 @@ class SRPipeline:
             tiling_.BlendCanvas(grid, stage, self._denoised_channels, lr.device), self.progress, timer)
 
         grid = grids["decode"]
-        decoded = self._vae_stage("vae_decoder", stages["decode"], grid, "denoised", env, timer, None,
+        decoded = self._vae_stage(self._plain_graph("decode"), stages["decode"], grid, "denoised", env, timer, None,
                                   tiling_.latent_reader(env["denoised"], grid))
 
         timer.start("postprocess")

@@ -33,7 +33,7 @@ import torch
 from ..errors import UserError
 from ..kernels import COLOR_FIXES, resize
 from ..kernels.color import WAVELET_LEVELS, wavelet_color_fix
-from ..kernels.resize import CONVOLUTION_FILTERS  # the filter table `resize` uses: same taps, banded
+from ..kernels.resize import convolution_taps  # `resize`'s own taps, banded
 from ..kernels.tiling import reflect_indices
 from ..processing import Processing, check_input_size, pre_resize
 
@@ -67,19 +67,7 @@ class _Resample:
 
 
 def _pil_taps(in_size: int, out_size: int, filter: str, i: int) -> tuple[int, np.ndarray]:
-    # Row i of kernels.resize's weight matrix (Pillow's formula), computed alone.
-    kernel, base_support, _ = CONVOLUTION_FILTERS[filter]
-    scale = in_size / out_size
-    filter_scale = max(scale, 1.0)
-    support = base_support * filter_scale
-    inverse_filter_scale = 1.0 / filter_scale
-    center = (i + 0.5) * scale
-    first = max(int(center - support + 0.5), 0)
-    stop = min(int(center + support + 0.5), in_size)
-    row = [kernel((j - center + 0.5) * inverse_filter_scale) for j in range(first, stop)]
-    total = sum(row)
-    if total != 0.0:
-        row = [w / total for w in row]
+    first, row = convolution_taps(in_size, out_size, filter, i)
     # resize() applies float32 weights: round the same way.
     return first, np.asarray(row, dtype=np.float32).astype(np.float64)
 

@@ -29,6 +29,22 @@ class Runner(Protocol):
     def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
+def session_options(ort, threads: int | None = None, arena: bool = True, optimization: str = "ORT_ENABLE_ALL"):
+    """The one way srexport sets up an onnxruntime session (CPU runner, CUDA runner, calibration)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
+    options.log_severity_level = 3
+    # onnxruntime's pool spin-waits after each run; on a few cores that starves the
+    # torch pre/post-processing running between graphs (seen: 1 ms -> 70-250 ms).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    # The CPU arena grows per session to the largest run seen and never shrinks: fastest for
+    # one shape, but a caller running many shapes and sessions (check) holds each one's peak.
+    options.enable_cpu_mem_arena = arena
+    return options
+
+
 class OnnxRuntimeRunner:
     """Runs one ONNX graph with onnxruntime (CPU here; a provider list selects others)."""
 
@@ -39,19 +55,9 @@ class OnnxRuntimeRunner:
                  arena: bool = True):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        # onnxruntime's pool spin-waits after each run; on a few cores that starves the
-        # torch pre/post-processing running between graphs (seen: 1 ms -> 70-250 ms).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
-        # The CPU arena grows per session to the largest run seen and never shrinks: fastest for
-        # one shape, but a caller running many shapes and sessions (check) holds each one's peak.
-        options.enable_cpu_mem_arena = arena
         self.spec = spec
-        self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), session_options(ort, threads=threads, arena=arena),
+                                            providers=providers or ["CPUExecutionProvider"])
 
     def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         arrays = {name: np.ascontiguousarray(feeds[name].detach().cpu().numpy()) for name in self.spec.input_names}
@@ -64,15 +70,22 @@ class TorchRunner:
 
     backend = "torch"
 
-    def __init__(self, module: torch.nn.Module, spec: ComponentSpec):
-        self.spec = spec
+    def __init__(self, module: torch.nn.Module, spec: ComponentSpec, dtype: torch.dtype | None = None):
+        """``dtype``: the module runs at it (bench's fp16/bf16 PyTorch baselines): inputs are cast
+        to it on the module's device, outputs back to float32. None: the tensors as they are."""
+        self.spec, self.dtype = spec, dtype
         self.module = module.eval()
         self.device = next(self.module.parameters(), torch.empty(0)).device
 
     @torch.no_grad()
     def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.module(*(feeds[name] for name in self.spec.input_names))
+        inputs = (feeds[name] for name in self.spec.input_names)
+        if self.dtype is not None:
+            inputs = (t.to(self.device, self.dtype) for t in inputs)
+        out = self.module(*inputs)
         outs = out if isinstance(out, tuple) else (out,)
+        if self.dtype is not None:
+            outs = tuple(o.float() for o in outs)
         return dict(zip(self.spec.output_names, outs))
 
 

@@ -41,7 +41,7 @@ import torch
 
 from ..errors import UserError
 from ..artifact.specs import SPATIAL_DIMS, ComponentSpec
-from ..kernels.tiling import GAUSSIAN_VARIANCE, extract_tiles, gaussian_weights
+from ..kernels.tiling import extract_tiles, gaussian_1d, gaussian_weights
 from ..artifact.tile_plan import StageTiling, TileGrid, plan_tiles, tile_geometries  # noqa: F401  (the runtime's API)
 from ..artifact.tile_settings import (  # settings: torch-free, for the CLI
     DEFAULT_BATCH,
@@ -59,11 +59,6 @@ from ..artifact.tile_settings import (  # settings: torch-free, for the CLI
 # --- shapes for engine profiles ----------------------------------------------------------
 
 # --- grids and blending ------------------------------------------------------------------
-
-
-def _gaussian_1d(size: int) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64)
-    return torch.exp(-((x - (size - 1) / 2) ** 2) / (2 * GAUSSIAN_VARIANCE * size * size))
 
 
 class BlendCanvas:
@@ -89,7 +84,7 @@ class BlendCanvas:
 
     def _axis_total(self, origins, tile: int, size: int) -> torch.Tensor:
         total = torch.zeros(size, dtype=torch.float64)
-        g = _gaussian_1d(tile)
+        g = gaussian_1d(tile)
         for origin in origins:
             total[self.stage.out(origin) : self.stage.out(origin) + tile] += g
         return total

@@ -45,12 +45,6 @@ def _torch_dtypes(trt) -> dict:
             trt.DataType.UINT8: torch.uint8, trt.DataType.BOOL: torch.bool}
 
 
-def _spec_dtype(dtype: str):
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16}[dtype]
-
-
 def _cuda_device():
     """The CUDA device the runners use (a seam: the tests put a CPU simulation here)."""
     import torch
@@ -135,7 +129,7 @@ class TensorRTRunner:
                             f"spec names {spec.input_names} -> {spec.output_names}; rebuild the engines")
         dtypes = _torch_dtypes(trt)
         self.dtypes = {n: dtypes[engine.get_tensor_dtype(n)] for n in names}
-        self.out_dtypes = {t.name: _spec_dtype(t.dtype) for t in spec.outputs}
+        self.out_dtypes = {t.name: t.torch_dtype for t in spec.outputs}
         # (min, opt, max) of optimisation profile 0, the only one srexport builds.
         self.profile = {n: tuple(tuple(int(d) for d in dims) for dims in engine.get_tensor_profile_shape(n, 0))
                         for n in spec.input_names}

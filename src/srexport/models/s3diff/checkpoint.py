@@ -23,6 +23,7 @@ from torch import nn
 
 from ...errors import UserError
 from ..configs import PEFT_DEFAULT_LORA_ALPHA
+from ..lora import lora_shapes
 
 CHECKPOINT_KEYS = (
     "unet_lora_target_modules",
@@ -238,13 +239,10 @@ def validate_part(part: LoRAPart, model: nn.Module, source: str = "s3diff.pkl") 
 def _check_lora_shapes(part: LoRAPart, name: str, layer: nn.Module, where: str) -> None:
     a, b = part.lora_weights(name)
     r = part.rank
-    if isinstance(layer, nn.Linear):
-        expected_a, expected_b = (r, layer.in_features), (layer.out_features, r)
-    elif isinstance(layer, nn.Conv2d):
-        expected_a = (r, layer.in_channels, *layer.kernel_size)
-        expected_b = (layer.out_channels, r, 1, 1)
-    else:
+    shapes = lora_shapes(layer, r)
+    if shapes is None:
         raise UserError(f"{where}: {name!r} is a {type(layer).__name__}; S3Diff LoRA wraps only Linear and Conv2d")
+    expected_a, expected_b = shapes
     for side, tensor, expected in (("A", a, expected_a), ("B", b, expected_b)):
         if tuple(tensor.shape) != expected:
             raise UserError(
