@@ -2,9 +2,11 @@
 
 Everywhere: profile derivation from the specs and the tile geometry; the
 engine/machine compatibility rules with simulated versions and GPUs; the
-builder's TensorRT calls, in order, against a recording fake ``tensorrt``
-module; the manifest the engines step writes; the one-line errors where
-TensorRT, an NVIDIA GPU or onnxruntime-gpu are missing; the static parser
+engine build through Polygraphy's loaders against a recording fake
+``tensorrt`` module (what each build was given: network flags, profile,
+builder config, timing cache); the manifest the engines step writes; the
+one-line errors where TensorRT, Polygraphy, an NVIDIA GPU or onnxruntime-gpu
+are missing, a graph is rejected or a build fails; the static parser
 check on the demo's graphs at fp32, fp16 and int8 (Q/DQ).
 Where TensorRT (or onnxruntime-gpu) and a GPU exist: real engines, run and
 compared with onnxruntime on CPU.
@@ -13,7 +15,9 @@ compared with onnxruntime on CPU.
 from __future__ import annotations
 
 import ctypes
+import enum
 import functools
+import itertools
 import json
 import shutil
 import sys
@@ -189,37 +193,60 @@ def test_missing_tensorrt_or_gpu_and_the_error_message():
         check_engine_compatible("unet", _entry(), Machine("11.4.0.106", "NVIDIA A100", (8, 0)), Path("art"))
 
 
-# ---- the builder against a recording fake tensorrt ------------------------------------------------
+# ---- the build, through Polygraphy, against a recording fake tensorrt -------------------------------
 
 
-def fake_tensorrt(calls: list, version: str = "11.4.0.106", parse_errors: tuple = ()) -> types.ModuleType:
-    """Just enough of the tensorrt module for export.engines, recording every call in order."""
+_FAKE_IDS = itertools.count()
+
+
+def fake_tensorrt(calls: list, version: str = "11.4.0.106", parse_errors: tuple = (), build_fails: bool = False,
+                  rejected_caches: tuple = ()) -> types.ModuleType:
+    """Just enough of the tensorrt module for export.engines and Polygraphy's loaders, recording every
+    call in order. Each build records what it was given (``("build_serialized_network", built)``): the
+    network's creation flags and the builder config's state at that moment; it logs one INFO and one
+    WARNING line through the logger its builder was made with (``trt.fake_warning``)."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
+    trt.fake_warning = f"fake TensorRT warning {next(_FAKE_IDS)}"  # Polygraphy logs a warning once a process
 
-    class Logger:
-        WARNING = "WARNING"
+    class ILogger:
+        def __init__(self):
+            pass
 
-        def __init__(self, level):
+    class Logger(ILogger):
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = "INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"
+
+        def __init__(self, level=WARNING):
             calls.append(("Logger", level))
 
-    trt.Logger = Logger
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)  # int() of the enum member
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.ILogger, trt.Logger = ILogger, Logger
+    # Enums where Polygraphy lists members or takes int(); plain names elsewhere.
+    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 5})
+    trt.BuilderFlag = enum.IntEnum("BuilderFlag", {"TF32": 7, "VERSION_COMPATIBLE": 18})
+    trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
     trt.HardwareCompatibilityLevel = types.SimpleNamespace(NONE="NONE", AMPERE_PLUS="AMPERE_PLUS",
                                                            SAME_COMPUTE_CAPABILITY="SAME_COMPUTE_CAPABILITY")
-    trt.BuilderFlag = types.SimpleNamespace(VERSION_COMPATIBLE="VERSION_COMPATIBLE")
+    trt.ProfilingVerbosity = types.SimpleNamespace(LAYER_NAMES_ONLY="LAYER_NAMES_ONLY", DETAILED="DETAILED",
+                                                   NONE="NONE")
+    trt.DeviceType = types.SimpleNamespace(GPU="GPU", DLA="DLA")
 
     class Network:
         def __init__(self, flags):
             self.flags, self.inputs = flags, []
+
+        def get_flag(self, flag):
+            return bool(self.flags & (1 << int(flag)))
+
+        def __iter__(self):  # the layers; none set a precision
+            return iter(())
 
         @property
         def num_inputs(self):
             return len(self.inputs)
 
         def get_input(self, i):
-            return types.SimpleNamespace(name=self.inputs[i])
+            return types.SimpleNamespace(name=self.inputs[i], dtype="FLOAT", shape=(-1, -1, -1, -1),
+                                         is_shape_tensor=False)
 
     class OnnxParser:
         def __init__(self, network, logger):
@@ -247,15 +274,34 @@ def fake_tensorrt(calls: list, version: str = "11.4.0.106", parse_errors: tuple 
             return b"timing-cache:" + self.data
 
     class Config:
+        DLA_core = -1
+        default_device_type = "GPU"
+
+        def __init__(self):
+            for name, value in (("flags", set()), ("pools", {}), ("profiles", []), ("timing_cache", None)):
+                object.__setattr__(self, name, value)
+
         def __setattr__(self, name, value):
             calls.append((name, value))
             object.__setattr__(self, name, value)
 
-        def set_memory_pool_limit(self, pool, size):
-            calls.append(("set_memory_pool_limit", pool, size))
-
         def set_flag(self, flag):
-            calls.append(("set_flag", flag))
+            calls.append(("set_flag", flag.name))
+            self.flags.add(flag)
+
+        def clear_flag(self, flag):
+            calls.append(("clear_flag", flag.name))
+            self.flags.discard(flag)
+
+        def get_flag(self, flag):
+            return flag in self.flags
+
+        def set_memory_pool_limit(self, pool, size):
+            calls.append(("set_memory_pool_limit", pool.name, size))
+            self.pools[pool] = size
+
+        def get_memory_pool_limit(self, pool):
+            return self.pools.get(pool, 80 * 2**30)
 
         def create_timing_cache(self, data):
             calls.append(("create_timing_cache", bytes(data)))
@@ -263,13 +309,20 @@ def fake_tensorrt(calls: list, version: str = "11.4.0.106", parse_errors: tuple 
 
         def set_timing_cache(self, cache, ignore_mismatch):
             calls.append(("set_timing_cache", cache.data, ignore_mismatch))
+            if cache.data in rejected_caches:
+                return False
+            object.__setattr__(self, "timing_cache", cache)
             return True
 
         def add_optimization_profile(self, profile):
             calls.append(("add_optimization_profile", profile.shapes))
-            object.__setattr__(self, "profile", profile.shapes)
+            self.profiles.append(profile.shapes)
 
-    class Profile:
+        @property
+        def num_optimization_profiles(self):
+            return len(self.profiles)
+
+    class OptimizationProfile:
         def __init__(self):
             self.shapes = {}
 
@@ -279,12 +332,12 @@ def fake_tensorrt(calls: list, version: str = "11.4.0.106", parse_errors: tuple 
 
     class Builder:
         def __init__(self, logger):
+            self.logger = logger
             calls.append(("Builder",))
 
-        def create_network(self, flags):
+        def create_network(self, flags=0):
             calls.append(("create_network", flags))
-            self.network = Network(flags)
-            return self.network
+            return Network(flags)
 
         def create_builder_config(self):
             calls.append(("create_builder_config",))
@@ -292,12 +345,23 @@ def fake_tensorrt(calls: list, version: str = "11.4.0.106", parse_errors: tuple 
 
         def create_optimization_profile(self):
             calls.append(("create_optimization_profile",))
-            return Profile()
+            return OptimizationProfile()
 
         def build_serialized_network(self, network, config):
-            calls.append(("build_serialized_network",))
+            calls.append(("build_serialized_network", {
+                "onnx": Path(network.onnx).name, "network_flags": network.flags,
+                "flags": sorted(f.name for f in config.flags),
+                "builder_optimization_level": getattr(config, "builder_optimization_level", None),
+                "memory_pool_limits": {pool.name: size for pool, size in config.pools.items()},
+                "hardware_compatibility_level": getattr(config, "hardware_compatibility_level", "NONE"),
+                "profiling_verbosity": getattr(config, "profiling_verbosity", None),
+                "profiles": list(config.profiles), "timing_cache": config.timing_cache}))
+            self.logger.log(Logger.INFO, "fake TensorRT info line")
+            self.logger.log(Logger.WARNING, trt.fake_warning)
+            if build_fails:
+                return None
             # The fake "plan": what the fake runtime below needs to run the graph with onnxruntime.
-            return json.dumps({"onnx": network.onnx, "profile": config.profile}).encode()
+            return json.dumps({"onnx": network.onnx, "profile": config.profiles[0]}).encode()
 
     trt.Builder, trt.OnnxParser = Builder, OnnxParser
     _add_fake_runtime(trt, calls)
@@ -464,42 +528,65 @@ def simulated_cuda(monkeypatch):
                         lambda trt=None: Machine(trt.__version__, H100.device_name, H100.compute_capability))
 
 
+def _polygraphy_uses(trt, monkeypatch) -> None:
+    """Point Polygraphy at ``trt`` for one test. Its modules bind tensorrt lazily, once a process, and
+    make their TensorRT logger from that binding once: both would keep the first test's fake (and hand
+    it to a later test, a real-TensorRT one included)."""
+    import polygraphy.backend.trt  # noqa: F401  (loads the modules that hold a binding)
+
+    for name, module in list(sys.modules.items()):
+        binding = getattr(module, "__dict__", {}).get("trt")
+        if name.startswith("polygraphy") and type(binding).__name__ == "LazyModule":
+            monkeypatch.setattr(module, "trt", trt)
+    monkeypatch.setattr(sys.modules["polygraphy.backend.trt.util"], "TRT_LOGGER", None)
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     def install(calls, **kw):
-        monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls, **kw))
+        trt = fake_tensorrt(calls, **kw)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        _polygraphy_uses(trt, monkeypatch)
         monkeypatch.setattr(engines, "current_machine",
                             lambda trt=None: Machine(trt.__version__, H100.device_name, H100.compute_capability))
+        return trt
     return install
 
 
-def test_builder_calls_tensorrt_in_the_documented_order(artifact_copy, fake_gpu, tiling, capsys):
+def _builds(calls: list) -> list[dict]:
+    return [c[1] for c in calls if c[0] == "build_serialized_network"]
+
+
+def test_engines_are_built_through_polygraphy_with_the_spec_and_options(artifact_copy, fake_gpu, tiling, capsys):
     calls: list = []
-    fake_gpu(calls)
+    trt = fake_gpu(calls)
     onnx_hashes = {k: v["sha256"] for k, v in read_manifest(artifact_copy)["files"].items()}
     assert main(["engines", str(artifact_copy), "--tile-batch", "2", "--opt-level", "5", "--workspace-gib", "1",
                  "--hardware-compat", "ampere+", "--quiet"]) == 0
-    assert capsys.readouterr().out.strip() == str(artifact_copy)
+    out, err = capsys.readouterr()
+    assert out.strip() == str(artifact_copy)  # TensorRT's log goes to stderr, at WARNING
+    assert trt.fake_warning in err and "fake TensorRT info line" not in err
+    assert not [line for line in err.splitlines() if line.startswith("[I]")]  # nor Polygraphy's own INFO
 
-    builds = [i for i, c in enumerate(calls) if c == ("Builder",)]
-    first = calls[builds[1]:builds[2]]  # [0] is the builder that loads the timing cache
-    assert [c[0] for c in first] == [
-        "Builder", "create_network", "OnnxParser", "parse_from_file", "create_builder_config",
-        "builder_optimization_level", "set_memory_pool_limit", "hardware_compatibility_level",
-        "set_timing_cache", "create_optimization_profile", "set_shape", "add_optimization_profile",
-        "build_serialized_network"]
-    assert first[1] == ("create_network", 1 << 5)  # STRONGLY_TYPED, and no precision flags anywhere
-    assert not any(c[0] == "set_flag" for c in calls)
-    assert first[3] == ("parse_from_file", "vae_encoder.onnx")
-    assert first[5:8] == [("builder_optimization_level", 5), ("set_memory_pool_limit", "WORKSPACE", 2**30),
-                          ("hardware_compatibility_level", "AMPERE_PLUS")]
-    assert first[10] == ("set_shape", "image", [1, 3, 64, 64], [2, 3, 96, 96], [2, 3, 96, 96])
-    shapes = [c for c in calls if c[0] == "set_shape"]
-    assert ("set_shape", "latent", [1, 4, 8, 8], [2, 4, 12, 12], [2, 4, 12, 12]) in shapes
-    assert ("set_shape", "denoised", [1, 4, 8, 8], [2, 4, 12, 12], [2, 4, 12, 12]) in shapes
-    assert sum(c[0] == "build_serialized_network" for c in calls) == 3
-    # one timing cache, made once, shared by every build, written beside the artifact
-    assert sum(c[0] == "create_timing_cache" for c in calls) == 1
+    builds = _builds(calls)
+    assert [b["onnx"] for b in builds] == ["vae_encoder.onnx", "unet.onnx", "vae_decoder.onnx"]
+    for build in builds:
+        assert build["network_flags"] == 1 << 5  # STRONGLY_TYPED alone
+        assert build["flags"] == ["TF32"]  # TensorRT's default; no precision flags
+        assert build["builder_optimization_level"] == 5
+        assert build["memory_pool_limits"] == {"WORKSPACE": 2**30}
+        assert build["hardware_compatibility_level"] == "AMPERE_PLUS"
+        assert build["profiling_verbosity"] == "LAYER_NAMES_ONLY"  # TensorRT's default, not Polygraphy's
+    assert builds[0]["profiles"] == [{"image": ([1, 3, 64, 64], [2, 3, 96, 96], [2, 3, 96, 96])}]
+    assert builds[1]["profiles"] == [{"latent": ([1, 4, 8, 8], [2, 4, 12, 12], [2, 4, 12, 12])}]
+    assert builds[2]["profiles"] == [{"denoised": ([1, 4, 8, 8], [2, 4, 12, 12], [2, 4, 12, 12])}]
+    # each graph parsed (by path) into its network before its config is made
+    kinds = [c[0] for c in calls]
+    assert [calls[i + 1] for i, k in enumerate(kinds) if k == "OnnxParser"] == [
+        ("parse_from_file", f"{n}.onnx") for n in ("vae_encoder", "unet", "vae_decoder")]
+    assert kinds.index("parse_from_file") < kinds.index("create_builder_config")
+    # one timing cache, started empty, shared by every build, written beside the artifact
+    assert len({id(b["timing_cache"]) for b in builds}) == 1 and builds[0]["timing_cache"].data == b""
     cache = artifact_copy.parent / "pisa.trt-timing-cache"
     assert cache.read_bytes() == b"timing-cache:"
 
@@ -530,8 +617,29 @@ def test_builder_calls_tensorrt_in_the_documented_order(artifact_copy, fake_gpu,
     assert "--force" in capsys.readouterr().err
     calls.clear()
     assert main(["engines", str(artifact_copy), "--force", "--quiet", "--version-compatible"]) == 0
-    assert ("create_timing_cache", b"timing-cache:") in calls and ("set_flag", "VERSION_COMPATIBLE") in calls
+    builds = _builds(calls)
+    assert len({id(b["timing_cache"]) for b in builds}) == 1
+    assert builds[0]["timing_cache"].data == b"timing-cache:"  # the file's bytes
+    assert all(b["flags"] == ["TF32", "VERSION_COMPATIBLE"] for b in builds)
+    # no --workspace-gib: no pool limit; no --hardware-compat: TensorRT's NONE; the default opt level
+    assert all(b["memory_pool_limits"] == {} and b["hardware_compatibility_level"] == "NONE"
+               and b["builder_optimization_level"] == 3 for b in builds)
     assert load_artifact(artifact_copy).manifest["components"]["unet"]["engine"]["version_compatible"] is True
+
+
+def test_timing_cache_from_another_gpu_is_replaced(artifact_copy, fake_gpu, tiling, capsys):
+    cache = artifact_copy.parent / "pisa.trt-timing-cache"
+    cache.write_bytes(b"other-gpu")
+    calls: list = []
+    fake_gpu(calls, rejected_caches=(b"other-gpu",))
+    assert main(["engines", str(artifact_copy)]) == 0
+    assert f"timing cache {cache} is from another GPU or TensorRT; starting a new one" in capsys.readouterr().err
+    assert {b["timing_cache"].data for b in _builds(calls)} == {b""}
+    assert cache.read_bytes() == b"timing-cache:"
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
 
 
 def test_parser_rejection_leaves_the_artifact_as_it_was(artifact_copy, fake_gpu, tiling, capsys):
@@ -541,8 +649,44 @@ def test_parser_rejection_leaves_the_artifact_as_it_was(artifact_copy, fake_gpu,
     err = _one_line(capsys.readouterr().err)
     assert "TensorRT's ONNX parser rejected vae_encoder.onnx: In node 7 (Conv): unsupported" in err
     assert (artifact_copy / "manifest.json").read_bytes() == before
-    assert sorted(p.name for p in artifact_copy.iterdir()) == sorted(
-        ["manifest.json", "vae_encoder.onnx", "unet.onnx", "vae_decoder.onnx"])
+    assert _files(artifact_copy) == sorted(["manifest.json", "vae_encoder.onnx", "unet.onnx", "vae_decoder.onnx"])
+
+
+def test_graph_inputs_not_matching_the_spec(artifact_copy, fake_gpu, tiling, capsys, monkeypatch):
+    from srexport.artifact.specs import ComponentSpec
+
+    fake_gpu([])
+    monkeypatch.setattr(ComponentSpec, "input_names", property(lambda self: ["pixels"]))
+    assert main(["engines", str(artifact_copy), "--quiet"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "vae_encoder.onnx has inputs ['image'], its spec names ['pixels']; rebuild the artifact" in err
+
+
+def test_failed_build_names_the_options_and_leaves_the_artifact(artifact_copy, fake_gpu, tiling, capsys):
+    calls: list = []
+    trt = fake_gpu(calls, build_fails=True)
+    before = (artifact_copy / "manifest.json").read_bytes()
+    assert main(["engines", str(artifact_copy), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert trt.fake_warning in err  # TensorRT's log, above the one line that says what to do
+    last = err.strip().splitlines()[-1]
+    assert "TensorRT could not build an engine from vae_encoder.onnx (see its log above); " \
+           "try a larger --workspace-gib or a smaller --tile-batch" in last
+    assert len(_builds(calls)) == 1
+    assert (artifact_copy / "manifest.json").read_bytes() == before
+    assert _files(artifact_copy) == sorted(["manifest.json", "vae_encoder.onnx", "unet.onnx", "vae_decoder.onnx"])
+    assert not (artifact_copy.parent / "pisa.trt-timing-cache").exists()
+
+
+def test_engines_without_polygraphy(artifact_copy, fake_gpu, tiling, monkeypatch, capsys):
+    fake_gpu([])
+    for name in [n for n in sys.modules if n == "polygraphy" or n.startswith("polygraphy.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    before = (artifact_copy / "manifest.json").read_bytes()
+    assert main(["engines", str(artifact_copy)]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "'polygraphy'" in err and "pip install 'srexport[tensorrt]'" in err
+    assert (artifact_copy / "manifest.json").read_bytes() == before
 
 
 # ---- the GPU runners' logic, simulated on the CPU -----------------------------------------------------

@@ -5,10 +5,9 @@ artifact (``srexport build --engines`` runs it right after the ONNX build;
 ``srexport engines ARTIFACT`` runs it later, on the GPU machine that will serve).
 Every engine is:
 - built from the ONNX graph the artifact already holds and onnxruntime already
-  checked, by TensorRT's ONNX parser into a *strongly typed* network: the
-  graph's own dtypes decide the precision (fp16 graphs give fp16 layers, Q/DQ
-  graphs int8 ones); there are no FP16/INT8 builder flags (TensorRT 11 removed
-  them);
+  checked, into a *strongly typed* network: the graph's own dtypes decide the
+  precision (fp16 graphs give fp16 layers, Q/DQ graphs int8 ones); there are no
+  FP16/INT8 builder flags (TensorRT 11 removed them);
 - given one optimisation profile read from the component spec at the tile
   geometry the tiled runtime uses (``runtime.tiling.tile_geometries``): batch
   1 to ``tile_batch``, height and width those of the tile (down to the
@@ -18,20 +17,44 @@ Every engine is:
   level, version compatibility, plus the profile, builder optimisation level,
   workspace limit and sha256.
 
+The build goes through Polygraphy's TensorRT loaders (NVIDIA's tested layer
+over the builder API): ``create_network(strongly_typed=True)`` makes the
+builder and network, ``create_config`` the builder config (profile, optimisation
+level, workspace limit, hardware and version compatibility) and
+``engine_bytes_from_network`` the serialised engine. Three things stay here,
+each because Polygraphy's version would change what this command does:
+- the ONNX parse (TensorRT's parser, on Polygraphy's network and logger):
+  ``network_from_onnx_path`` reports the parser's errors only to its log and
+  raises a generic exception, and a rejected graph must fail with one line
+  that names the errors;
+- the timing cache (``_TimingCache``): Polygraphy's ``load_timing_cache`` and
+  ``save_timing_cache`` ignore TensorRT's verdict on a cache from another GPU
+  or TensorRT version, merge into such a cache anyway and rewrite the file
+  after every engine; here one cache is shared by every build of a run, a
+  rejected file is replaced (and said so), and the file is written once, after
+  the last engine;
+- writing the engines (no ``SaveEngine``): they are written under temporary
+  names, renamed into place and only then listed in the manifest, so a failure
+  leaves the ONNX artifact as it was.
+Polygraphy's log, which carries TensorRT's, goes to stderr at WARNING during a
+build (stdout carries only the command's result).
+
 ``artifact.compatibility.engine_problems`` is that decision as a pure function
 of a manifest entry and a ``Machine`` (the running TensorRT version and GPU), so
 it is tested with simulated values on machines without either.
 
-TensorRT is imported lazily (``require_tensorrt``); where it is missing, the
-commands that need it fail at once with one line that names the package and
-the command that builds engines on a GPU machine. It cannot be installed on
-the development machines, so the code that calls it is exercised there only
-through a recording fake (tests/test_engines.py); every ``trt.`` name used here
-is checked against TensorRT 11.4's bindings (tests/test_trt_support.py).
+TensorRT and Polygraphy are imported lazily (``require_tensorrt``,
+``require_polygraphy``); where either is missing, the commands that need it
+fail at once with one line that says what to install. TensorRT cannot be
+installed on the development machines, so the code that calls it runs there
+only against a recording fake ``tensorrt`` module, under the real Polygraphy
+(tests/test_engines.py); every ``trt.`` name used here is checked against
+TensorRT 11.4's bindings (tests/test_trt_support.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -47,6 +70,7 @@ from ..artifact.compatibility import (  # noqa: F401  (engines' API: the rules l
     engine_problems, require_tensorrt, tensorrt_major)
 from ..artifact.specs import ComponentSpec, Geometry, VAE_FACTOR
 
+POLYGRAPHY_INSTALL = "pip install 'srexport[tensorrt]'"
 ENGINE_SUFFIX = ".engine"
 TIMING_CACHE_SUFFIX = ".trt-timing-cache"
 
@@ -194,65 +218,126 @@ class _Progress:
             print(f"[engines] {message}  ({time.perf_counter() - self.start:.1f} s)", file=sys.stderr, flush=True)
 
 
-def build_engine(trt, logger, onnx_path: Path, spec: ComponentSpec, profile: dict, options: EngineOptions,
-                 timing_cache=None):
-    """One component's ONNX graph -> serialised engine (an ``IHostMemory``), and the timing cache used.
+def require_polygraphy(purpose: str = "building TensorRT engines"):
+    """``polygraphy.backend.trt``, or a one-line UserError that says what to install."""
+    try:
+        import polygraphy.backend.trt as polygraphy_trt
+    except ImportError as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise UserError(f"{purpose} needs Polygraphy, NVIDIA's TensorRT toolkit, and the Python package "
+                        f"'polygraphy' cannot be imported here ({reason}); on the NVIDIA GPU machine run "
+                        f"\"{POLYGRAPHY_INSTALL}\"") from None
+    return polygraphy_trt
 
-    The calls follow TensorRT's documented order: builder, strongly typed
-    network, ONNX parser, builder config (optimisation level, workspace,
-    hardware and version compatibility, timing cache), one optimisation
-    profile from the spec, ``build_serialized_network``.
+
+@contextlib.contextmanager
+def _tensorrt_log():
+    """Polygraphy's log (TensorRT's included) at WARNING, as trt.Logger(WARNING) gave, on stderr.
+
+    Polygraphy prints to stdout, which carries only the command's result. Uncoloured: coloured
+    output needs the 'colored' package, and without it Polygraphy says so on the first line it logs.
     """
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    # By path, so graphs with external weights (.onnx.data) load too.
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [" ".join(str(parser.get_error(i)).split()) for i in range(parser.num_errors)]
-        raise UserError(f"TensorRT's ONNX parser rejected {onnx_path.name}: " + "; ".join(errors[:3])
-                        + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""))
-    inputs = sorted(network.get_input(i).name for i in range(network.num_inputs))
-    if inputs != sorted(spec.input_names):
-        raise UserError(f"{onnx_path.name} has inputs {inputs}, its spec names {sorted(spec.input_names)}; "
-                        "rebuild the artifact")
+    from polygraphy.logger import G_LOGGER
 
-    config = builder.create_builder_config()
-    config.builder_optimization_level = options.opt_level
-    if options.workspace_bytes is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
-    level = HARDWARE_LEVELS[options.hardware_compat]
-    if level != "NONE":
-        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level)
-    if options.version_compatible:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    if timing_cache is None:
-        timing_cache = config.create_timing_cache(b"")
-    if not config.set_timing_cache(timing_cache, False):
-        raise RuntimeError("TensorRT refused the timing cache")
-
-    trt_profile = builder.create_optimization_profile()
-    for tensor in spec.input_names:
-        shapes = profile[tensor]
-        trt_profile.set_shape(tensor, shapes["min"], shapes["opt"], shapes["max"])
-    config.add_optimization_profile(trt_profile)
-
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise UserError(f"TensorRT could not build an engine from {onnx_path.name} (see its log above); "
-                        "try a larger --workspace-gib or a smaller --tile-batch")
-    return plan, timing_cache
+    colors, G_LOGGER.colors = G_LOGGER.colors, False
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.WARNING), contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        G_LOGGER.colors = colors
 
 
-def _load_timing_cache(trt, logger, path: Path, progress) -> tuple[object, bool]:
-    """An ITimingCache from ``path`` if TensorRT accepts it for this GPU, else a fresh one."""
-    config = trt.Builder(logger).create_builder_config()
-    if path.is_file():
-        cache = config.create_timing_cache(path.read_bytes())
-        if config.set_timing_cache(cache, False):
-            progress(f"timing cache {path} reused")
-            return cache, True
-        progress(f"timing cache {path} is from another GPU or TensorRT; starting a new one")
-    return config.create_timing_cache(b""), False
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def build_engine(trt, onnx_path: Path, spec: ComponentSpec, profile: dict, options: EngineOptions,
+                 timing_cache: "_TimingCache"):
+    """One component's ONNX graph -> serialised engine (an ``IHostMemory``), through Polygraphy.
+
+    A strongly typed network from ``create_network``, filled by TensorRT's ONNX
+    parser; a builder config from ``create_config`` with the spec's profile,
+    the optimisation level, workspace limit and hardware and version
+    compatibility, and the run's shared timing cache; ``engine_bytes_from_network``.
+    """
+    polygraphy = require_polygraphy()
+    from polygraphy.exception import PolygraphyException
+
+    with _tensorrt_log():
+        try:
+            builder, network = polygraphy.create_network(strongly_typed=True)
+        except PolygraphyException as exc:
+            raise UserError(f"TensorRT {trt.__version__} could not make a strongly typed network for "
+                            f"{onnx_path.name}: {_one_line(exc)}") from None
+        # Not network_from_onnx_path: on a rejected graph it logs the parser's errors and raises
+        # "Could not parse ONNX correctly", and this error must name them. By path, so graphs with
+        # external weights (.onnx.data) load too.
+        parser = trt.OnnxParser(network, polygraphy.get_trt_logger())
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = [" ".join(str(parser.get_error(i)).split()) for i in range(parser.num_errors)]
+            raise UserError(f"TensorRT's ONNX parser rejected {onnx_path.name}: " + "; ".join(errors[:3])
+                            + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""))
+        inputs = sorted(network.get_input(i).name for i in range(network.num_inputs))
+        if inputs != sorted(spec.input_names):
+            raise UserError(f"{onnx_path.name} has inputs {inputs}, its spec names {sorted(spec.input_names)}; "
+                            "rebuild the artifact")
+
+        shapes = polygraphy.Profile()
+        for tensor in spec.input_names:
+            shapes.add(tensor, profile[tensor]["min"], profile[tensor]["opt"], profile[tensor]["max"])
+        level = HARDWARE_LEVELS[options.hardware_compat]
+        try:
+            config = polygraphy.create_config(
+                builder, network, profiles=[shapes], builder_optimization_level=options.opt_level,
+                memory_pool_limits=(None if options.workspace_bytes is None
+                                    else {trt.MemoryPoolType.WORKSPACE: options.workspace_bytes}),
+                hardware_compatibility_level=(None if level == "NONE"
+                                              else getattr(trt.HardwareCompatibilityLevel, level)),
+                version_compatible=options.version_compatible,
+                # TensorRT's own defaults, which Polygraphy's differ from (it clears TF32 and
+                # records DETAILED layer information): the engine is the one TensorRT would build.
+                tf32=True, profiling_verbosity=trt.ProfilingVerbosity.LAYER_NAMES_ONLY)
+        except PolygraphyException as exc:
+            raise UserError(f"TensorRT {trt.__version__} cannot build {onnx_path.name} with these options: "
+                            f"{_one_line(exc)}") from None
+        timing_cache.attach(config)
+        try:
+            # The parser goes with the network: it owns the weights until the build is done.
+            return polygraphy.engine_bytes_from_network((builder, network, parser), config)
+        except PolygraphyException:
+            raise UserError(f"TensorRT could not build an engine from {onnx_path.name} (see its log above); "
+                            "try a larger --workspace-gib or a smaller --tile-batch") from None
+
+
+class _TimingCache:
+    """The tactic timing cache every build of one run shares, kept in a file beside the artifact.
+
+    Read on first use if TensorRT accepts it for this GPU and version, else
+    started empty (and said so); written only once every engine is built.
+    """
+
+    def __init__(self, path: Path, progress):
+        self.path, self.progress, self.cache = Path(path), progress, None
+
+    def attach(self, config) -> None:
+        """Make ``config`` (whose own empty cache Polygraphy made) build with the shared cache."""
+        if self.cache is None:
+            self.cache = self._load(config)
+        if not config.set_timing_cache(self.cache, False):
+            raise RuntimeError("TensorRT refused the timing cache")
+
+    def _load(self, config):
+        if self.path.is_file():
+            cache = config.create_timing_cache(self.path.read_bytes())
+            if config.set_timing_cache(cache, False):
+                self.progress(f"timing cache {self.path} reused")
+                return cache
+            self.progress(f"timing cache {self.path} is from another GPU or TensorRT; starting a new one")
+        return config.create_timing_cache(b"")
+
+    def save(self) -> None:
+        if self.cache is not None:
+            _write_bytes_atomically(self.path, self.cache.serialize())
 
 
 def _write_bytes_atomically(path: Path, data) -> None:
@@ -278,6 +363,7 @@ def build_engines(folder: str | Path, options: EngineOptions = EngineOptions(), 
     folder = Path(folder)
     read_manifest(folder)  # a wrong path says so before TensorRT is asked for
     trt = require_tensorrt("building TensorRT engines")
+    require_polygraphy()
     artifact = load_artifact(folder)
     manifest = artifact.manifest
     if any("engine" in c["files"] for c in manifest["components"].values()) and not force:
@@ -301,10 +387,9 @@ def build_engines(folder: str | Path, options: EngineOptions = EngineOptions(), 
 
     geometries, tile_source = engine_geometries(manifest, specs, options.tile_batch)
     profiles = engine_profiles(specs, geometries)
-    logger = trt.Logger(trt.Logger.WARNING)
     cache_path = timing_cache_path(folder, options)
-    timing_cache, _ = _load_timing_cache(trt, logger, cache_path, progress)
-    precision = manifest.get("export", {}).get("precision", "fp32")
+    timing_cache = _TimingCache(cache_path, progress)
+    precision = manifest["export"]["precision"]  # required by the manifest schema
 
     written: dict[str, Path] = {}
     records: dict[str, dict] = {}
@@ -313,8 +398,7 @@ def build_engines(folder: str | Path, options: EngineOptions = EngineOptions(), 
             t = time.perf_counter()
             progress(f"{name}: building ({precision} graph, strongly typed, profile "
                      + ", ".join(f"{k} {v['min']}..{v['max']}" for k, v in profiles[name].items()) + ")")
-            plan, timing_cache = build_engine(trt, logger, artifact.component_file(name), spec, profiles[name],
-                                              options, timing_cache)
+            plan = build_engine(trt, artifact.component_file(name), spec, profiles[name], options, timing_cache)
             tmp = folder / f".{name}{ENGINE_SUFFIX}.building"
             _write_bytes_atomically(tmp, plan)
             written[name] = tmp
@@ -334,7 +418,7 @@ def build_engines(folder: str | Path, options: EngineOptions = EngineOptions(), 
                 "build_seconds": round(time.perf_counter() - t, 1),
             }
             progress(f"{name}{ENGINE_SUFFIX}  {tmp.stat().st_size / 2**20:.1f} MiB")
-        _write_bytes_atomically(cache_path, timing_cache.serialize())
+        timing_cache.save()
     except BaseException:
         for tmp in written.values():
             tmp.unlink(missing_ok=True)
@@ -368,4 +452,4 @@ def build_engines(folder: str | Path, options: EngineOptions = EngineOptions(), 
 
 __all__ = ["EngineOptions", "Machine", "build_engine", "build_engines", "check_engine_compatible",
            "current_machine", "engine_geometries", "engine_notes", "engine_problems", "engine_profiles",
-           "parser_check", "require_tensorrt", "timing_cache_path", "whole_image_geometries"]
+           "parser_check", "require_polygraphy", "require_tensorrt", "timing_cache_path", "whole_image_geometries"]
