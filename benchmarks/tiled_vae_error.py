@@ -225,29 +225,13 @@ def pipeline_artifact(folder):
 
 def save_crops(whole, outputs, path: Path) -> None:
     """A seam region (where four VAE tiles meet) of each output, and 8x their difference to whole."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from srexport.plots import crop_differences
 
     size = whole.shape[-1]
     seam = 1024 - 128  # the middle of the first overlap at the default 1024/256 VAE tiles
     y0 = x0 = max(0, min(size - 256, seam - 128))
-    crop = lambda t: t[0, :, y0 : y0 + 256, x0 : x0 + 256].permute(1, 2, 0).clamp(0, 1).numpy()
-    panels = [("untiled reference", crop(whole))]
-    for method, out in outputs.items():
-        panels.append((f"{method} (tiled)", crop(out)))
-    for method, out in outputs.items():
-        panels.append((f"|{method} - untiled| x8", np.clip(np.abs(crop(out) - crop(whole)) * 8, 0, 1)))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
-    for ax, (title, image) in zip(axes, panels):
-        ax.imshow(image)
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    fig.suptitle(f"only the VAE tiled (1024/256 px), crop at ({y0}, {x0}) px where its tiles overlap", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    crop_differences(whole, {f"{method} (tiled)": out for method, out in outputs.items()}, y0, x0, 256,
+                     f"only the VAE tiled (1024/256 px), crop at ({y0}, {x0}) px where its tiles overlap", path)
     print(path)
 
 

@@ -36,12 +36,14 @@ def demo_source():
 @pytest.fixture(scope="session")
 def demo_artifact(tmp_path_factory, demo_source):
     """A merged-guidance fp32 demo artifact, built through the CLI as a user would
-    (fp32: the parity tests hold it to fp32 bounds; tests/test_precision.py converts it)."""
+    (fp32: the parity tests hold it to fp32 bounds; tests/test_precision.py converts it), with
+    per-tile VAE statistics, so it holds the plain graphs only. The default build (coarse
+    statistics, with the two-pass graphs) is tests/test_two_pass_vae.py's ``two_pass_artifact``."""
     from srexport.cli import main
 
     out = tmp_path_factory.mktemp("artifacts") / "pisa-demo"
-    assert main(["build", "--scale", "4", "--process-size", "128", "--precision", "fp32", "--out", str(out),
-                 "--quiet"]) == 0
+    assert main(["build", "--scale", "4", "--process-size", "128", "--precision", "fp32", "--vae-norm", "per-tile",
+                 "--out", str(out), "--quiet"]) == 0
     return out
 
 

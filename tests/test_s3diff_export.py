@@ -19,7 +19,8 @@ def s3diff_source():
 @pytest.fixture(scope="session")
 def s3diff_artifact(tmp_path_factory, s3diff_source):
     out = tmp_path_factory.mktemp("artifacts") / "s3diff-demo"
-    assert main(["build", "--model", "s3diff", "--precision", "fp32", "--out", str(out), "--quiet"]) == 0
+    assert main(["build", "--model", "s3diff", "--precision", "fp32", "--vae-norm", "per-tile", "--out", str(out),
+                 "--quiet"]) == 0
     from srexport.artifact.manifest import load_artifact
     from srexport.runtime.loading import reference_for
 
@@ -157,7 +158,8 @@ def test_default_fp16_demo_builds_within_its_per_component_bounds(s3diff_fp16_ar
     about the image (47 dB). Each graph is bounded on the output with it alone converted."""
     m = s3diff_fp16_artifact.manifest
     bounds, record = m["checks"]["bounds"], m["checks"]["precision"]
-    names = {"degradation", "vae_encoder", "unet", "vae_decoder"}
+    names = {"degradation", "vae_encoder", "unet", "vae_decoder", "vae_encoder_stats", "vae_encoder_pooled",
+             "vae_decoder_stats", "vae_decoder_pooled"}  # the default coarse statistics' graphs too
     assert m["export"]["precision"] == "fp16" and bounds["component_rel_l2"] is None
     assert bounds["components"] == {c: {"min_output_psnr": 40.0} for c in names}
     assert record["bound_failures"] == []
@@ -201,7 +203,8 @@ def test_reduced_precision_graphs_pass_the_tensorrt_parser_check(s3diff_artifact
         manifest = read_manifest(folder)
         options = PrecisionOptions(precision, CalibrationSettings(size=2, lr_tile=32)).validate()
         record = convert_graphs(folder, manifest, reference, options, _Silent())
-    assert set(record["components"]) == {"degradation", "vae_encoder", "unet", "vae_decoder"}
+    assert set(record["components"]) == set(manifest["components"]) >= {"degradation", "vae_encoder", "unet",
+                                                                        "vae_decoder"}
     results = parser_check(folder, manifest)
     assert results == {name: {"10": [], "11": []} for name in manifest["components"]}, results
     for name, component in manifest["components"].items():

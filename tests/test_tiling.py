@@ -108,14 +108,62 @@ def test_tile_feeds_repeat_per_image_inputs_only():
 # --- settings, manifest, engine shapes ---------------------------------------------------
 
 
+@settings(max_examples=300, deadline=None)
+@given(length=st.one_of(st.integers(1, 3000), st.sampled_from([7, 13, 61, 127, 131, 193, 509, 1021, 2039, 2999])),
+       tile_units=st.integers(1, 16), overlap_eighths=st.integers(0, 4), kind=st.sampled_from(["denoise", "decode",
+                                                                                                "encode"]),
+       pad=st.booleans(), width_factor=st.sampled_from([1, 3, 17]))
+@example(length=1536 // 8, tile_units=8, overlap_eighths=1, kind="denoise", pad=False, width_factor=1)
+@example(length=65, tile_units=8, overlap_eighths=4, kind="decode", pad=False, width_factor=17)
+def test_even_plan_covers_keeps_the_overlap_and_never_computes_more_than_fixed(length, tile_units, overlap_eighths,
+                                                                               kind, pad, width_factor):
+    """The even plan against the fixed one on the same stage: every pixel covered with positive
+    weight, neighbours overlapping by at least the stage's overlap, tiles no larger than the
+    tile and on the stage's units, and the computed area never above fixed's (primes, sizes
+    below one tile, very wide and very tall images)."""
+    unit = 8 if kind == "denoise" else 1
+    down, up = (8, 1) if kind == "encode" else (1, 8 if kind == "decode" else 1)
+    tile = tile_units * 8 * (8 if kind == "encode" else 1)
+    overlap = tile * overlap_eighths // 8 // down * down
+    if kind == "encode":
+        length = -(-length // 8) * 8  # the encoder's input is a multiple of the VAE factor
+    even, fixed = (StageTiling(kind, tile, overlap, 4, up, down, pad, plan, unit) for plan in ("even", "fixed"))
+    height, width = length, max(down, length * width_factor // down * down)
+    grid, old = even.grid(height, width), fixed.grid(height, width)
+    assert (grid.tile_h * len(grid.rows)) * (grid.tile_w * len(grid.cols)) <= (
+        (old.tile_h * len(old.rows)) * (old.tile_w * len(old.cols)))
+    for origins, size, side in ((grid.rows, height, grid.tile_h), (grid.cols, width, grid.tile_w)):
+        assert side <= max(tile, size if not pad else tile)
+        assert origins[0] == 0 and origins[-1] == max(size - side, 0) and list(origins) == sorted(set(origins))
+        assert all(o % down == 0 for o in origins)
+        assert all(a + side - b >= min(overlap, side - 1) for a, b in zip(origins, origins[1:]))
+        if size > tile:
+            assert side % max(unit, down) == 0 and (side == tile if pad else True)
+    if height * width <= 2**16:
+        assert float(BlendCanvas(grid, even, 1, "cpu").weight_sum().min()) > 0
+
+
+def test_even_plan_spreads_fewer_shorter_tiles_than_fixed():
+    """1536 px at 512/64 px denoiser tiles: fixed runs 4 tiles of 512 (2048 px computed per
+    axis), even 4 of 448 (1792 px); the smallest planned tile is where engine profiles start."""
+    even = TilingSettings(tile=512, overlap=64, plan="even").stages()["denoise"]
+    assert even.axis(1536 // 8) == (56, [0, 45, 90, 136])
+    assert TilingSettings(tile=512, overlap=64, plan="fixed").stages()["denoise"].axis(192) == (64, [0, 56, 112, 128])
+    # the defaults (768/64 px): 3 tiles of 576 px instead of fixed's 3 of 768
+    assert TilingSettings().stages()["denoise"].axis(192) == (72, [0, 60, 120])
+    assert even.smallest_planned_tile() == 40  # (64 + 8) / 2 latent, rounded up to the UNet's 8
+
+
 def test_settings_validate_and_round_trip():
     s = TilingSettings()
-    assert (s.tile, s.overlap, s.batch, s.vae_tile, s.vae_batch) == (512, 128, 4, 1024, 1)
+    assert (s.tile, s.overlap, s.batch, s.vae_tile, s.vae_overlap, s.vae_batch) == (768, 64, 2, 1024, 48, 1)
+    assert (s.plan, s.vae_norm) == ("even", "coarse")
     section = tiling_section(s)
-    assert section["latent_tile"] == 64 and section["latent_overlap"] == 16 and "512 px is what SD 2.1-base" in section["description"]
+    assert section["latent_tile"] == 96 and section["latent_overlap"] == 8 and "even plan" in section["description"]
     assert TilingSettings.from_manifest(section) == s
-    for bad, flag in ((dict(tile=500), "--tile 500"), (dict(overlap=300), "--tile-overlap"),
-                      (dict(vae_overlap=12), "--vae-tile-overlap"), (dict(batch=0), "--tile-batch")):
+    for bad, flag in ((dict(tile=500), "--tile 500"), (dict(overlap=400), "--tile-overlap"),
+                      (dict(vae_overlap=12), "--vae-tile-overlap"), (dict(batch=0), "--tile-batch"),
+                      (dict(plan="diagonal"), "--tile-plan 'diagonal' is not one of fixed, even")):
         with pytest.raises(UserError, match=flag):
             TilingSettings(**bad).validate()
 
@@ -126,15 +174,23 @@ def test_tile_geometries_for_engine_profiles():
     components = {s.name: {"spec": s.to_dict()} for s in (vae_encoder_spec(), unet_spec(), vae_decoder_spec(),
                                                            degradation_spec())}
     manifest = {"processing": PISA.to_dict(), "tiling": tiling_section(TilingSettings()), "components": components}
-    # PiSA at min_lr_side 32 (process size 128): sides never go below 128 px
-    assert tile_geometries(manifest, "unet") == (Geometry(1, 128, 128), Geometry(4, 512, 512), Geometry(4, 512, 512))
-    assert tile_geometries(manifest, "vae_decoder") == (Geometry(1, 128, 128), Geometry(1, 1024, 1024),
+    # PiSA at min_lr_side 32 (process size 128): denoiser sides never go below 128 px; the VAE's
+    # coarse statistics pass goes down to 8 latent pixels (64 px)
+    assert tile_geometries(manifest, "unet") == (Geometry(1, 128, 128), Geometry(2, 768, 768), Geometry(2, 768, 768))
+    assert tile_geometries(manifest, "vae_decoder") == (Geometry(1, 64, 64), Geometry(1, 1024, 1024),
                                                         Geometry(1, 1024, 1024))
-    assert tile_geometries(manifest) == (Geometry(1, 128, 128), Geometry(4, 512, 512), Geometry(4, 1024, 1024))
-    # upstream's process size 512: 512 px sides, but int(128 / h * h) = 127 for h in (49, 98, 103, 107)
+    assert tile_geometries(manifest) == (Geometry(1, 64, 64), Geometry(2, 768, 768), Geometry(2, 1024, 1024))
+    # upstream's process size 512: the even plan's shortest denoiser tile, (96 + 8) / 2 latent
+    # rounded up to 8, is 448 px; per-tile VAE statistics need no coarse shapes
     at_512 = dict(PISA.to_dict(), min_lr_side=128)
     assert tile_geometries({"processing": at_512, "tiling": manifest["tiling"], "components": components},
+                           "unet")[0] == Geometry(1, 448, 448)
+    fixed = tiling_section(TilingSettings(tile=512, overlap=128, plan="fixed", vae_norm="per-tile"))
+    # fixed plan: int(128 / h * h) = 127 for h in (49, 98, 103, 107) gives the 504 px sides
+    assert tile_geometries({"processing": at_512, "tiling": fixed, "components": components},
                            "unet")[0] == Geometry(1, 504, 504)
+    assert tile_geometries({"processing": at_512, "tiling": fixed, "components": components},
+                           "vae_decoder")[0] == Geometry(1, 504, 504)
     padded = {"processing": S3DIFF.to_dict(), "tiling": tiling_section(TilingSettings(pad=True)),
               "components": components}
     low, typical, high = tile_geometries(padded, "vae_encoder")
@@ -225,7 +281,7 @@ def test_tiled_pipeline_equals_whole_for_local_networks(lr_h, lr_w, s3diff, pad)
     whole-image runs agree for any size: the grids, per-image scores, region pre-processing,
     blending and in-place post-processing are right."""
     processing = S3DIFF if s3diff else PISA
-    tiling = TilingSettings(tile=64, overlap=16, batch=3, vae_tile=128, vae_overlap=32, pad=pad)
+    tiling = TilingSettings(tile=64, overlap=16, batch=3, vae_tile=128, vae_overlap=32, pad=pad, vae_norm="per-tile")
     pipeline = _standin_pipeline(processing, tiling)
     lr = torch.rand(1, 3, lr_h, lr_w, generator=torch.Generator().manual_seed(lr_h * 7 + lr_w))
     tiled = pipeline.run_stages(lr)
@@ -237,7 +293,7 @@ def test_tiled_pipeline_equals_whole_for_local_networks(lr_h, lr_w, s3diff, pad)
 
 def test_untiled_runs_above_the_limit_are_refused():
     pipeline = _standin_pipeline(PISA, TilingSettings(tile=64, overlap=16, vae_tile=128, vae_overlap=32,
-                                                      untiled_max_megapixels=0.05))
+                                                      untiled_max_megapixels=0.05, vae_norm="per-tile"))
     assert pipeline.will_tile(64, 64)  # 256x256 = 0.066 MP: tiled by default...
     with pytest.raises(UserError, match="--untiled-max-mp"):
         pipeline.run_stages(torch.rand(1, 3, 64, 64), tiled=False)  # ...refused whole
@@ -257,7 +313,7 @@ def artifact_and_reference(demo_artifact):
     return art, reference_for(art)
 
 
-SMALL_TILES = TilingSettings(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16)
+SMALL_TILES = TilingSettings(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16, vae_norm="per-tile")
 
 
 def _pipeline(art, tiling: TilingSettings, backend="ort", reference=None) -> SRPipeline:
@@ -271,7 +327,8 @@ def _pipeline(art, tiling: TilingSettings, backend="ort", reference=None) -> SRP
 
 def test_demo_artifact_records_default_tiling(artifact_and_reference):
     art, _ = artifact_and_reference
-    assert TilingSettings.from_manifest(art.manifest["tiling"]) == TilingSettings()
+    # the demo fixture is built with --vae-norm per-tile; the rest is the default geometry and plan
+    assert TilingSettings.from_manifest(art.manifest["tiling"]) == TilingSettings(vae_norm="per-tile")
     assert "Whole-image runs" in art.manifest["tiling"]["description"]
 
 
@@ -290,7 +347,7 @@ def test_tiled_onnx_equals_tiled_reference_and_reports_tiling_error(artifact_and
 
 def test_tiled_batches_of_1_and_4_are_identical(artifact_and_reference, small_lr):
     art, _ = artifact_and_reference
-    one = _pipeline(art, TilingSettings(tile=64, overlap=16, batch=1, vae_tile=64, vae_overlap=16))
+    one = _pipeline(art, TilingSettings(tile=64, overlap=16, batch=1, vae_tile=64, vae_overlap=16, vae_norm="per-tile"))
     four = _pipeline(art, SMALL_TILES)
     seen = []
     four.progress = lambda stage, done, total: seen.append((stage, done, total))
@@ -300,7 +357,7 @@ def test_tiled_batches_of_1_and_4_are_identical(artifact_and_reference, small_lr
 
 def test_tile_covering_the_image_equals_untiled_exactly(artifact_and_reference, small_lr):
     art, _ = artifact_and_reference
-    pipeline = _pipeline(art, TilingSettings(tile=192, overlap=64, vae_tile=192, vae_overlap=64))
+    pipeline = _pipeline(art, TilingSettings(tile=192, overlap=64, vae_tile=192, vae_overlap=64, vae_norm="per-tile"))
     assert not pipeline.will_tile(*small_lr.shape[-2:])  # 128x168 px within one 192 px tile
     assert torch.equal(pipeline(small_lr), pipeline.run_stages(small_lr, tiled=False).tensors["output"])
 
@@ -309,7 +366,7 @@ def test_cli_run_tiles_by_default_and_refuses_big_untiled_runs(demo_artifact, tm
     from srexport.cli import main
     from srexport.runtime.images import load_image, save_image
 
-    lr = torch.rand(1, 3, 40, 136, generator=torch.Generator().manual_seed(3))  # 160x544 px: two 512 px tiles
+    lr = torch.rand(1, 3, 40, 272, generator=torch.Generator().manual_seed(3))  # 160x1088 px: 2 tiles a stage
     save_image(lr, tmp_path / "in.png")
     out = tmp_path / "out.png"
     assert main(["run", str(demo_artifact), str(tmp_path / "in.png"), "-o", str(out), "--no-tile",
@@ -317,7 +374,7 @@ def test_cli_run_tiles_by_default_and_refuses_big_untiled_runs(demo_artifact, tm
     assert "--untiled-max-mp" in capsys.readouterr().err and not out.exists()
     assert main(["run", str(demo_artifact), str(tmp_path / "in.png"), "-o", str(out)]) == 0
     assert "tile" in capsys.readouterr().err  # the progress bar over tiles
-    assert load_image(out).shape == (1, 3, 160, 544)
+    assert load_image(out).shape == (1, 3, 160, 1088)
 
 
 def test_s3diff_tiles_share_the_whole_image_scores(tmp_path):
@@ -332,7 +389,7 @@ def test_s3diff_tiles_share_the_whole_image_scores(tmp_path):
     checkpoint, de_net = write_demo_checkpoints(tmp_path, seed=0)
     ref = S3DiffReference(build_base("demo", seed=0), load_s3diff_checkpoint(checkpoint), load_de_net(de_net))
     specs = s3diff_specs(S3DiffSettings())
-    tiling = TilingSettings(tile=64, overlap=0, batch=3, vae_tile=64, vae_overlap=0)  # two tiles per stage
+    tiling = TilingSettings(tile=64, overlap=0, batch=3, vae_tile=64, vae_overlap=0, vae_norm="per-tile")  # two tiles
     manifest = {"processing": ref.processing.to_dict(), "denoise": ref.denoise_plan(), "tiling": tiling_section(tiling)}
     modules = ref.components()
     pipeline = SRPipeline(manifest, {n: TorchRunner(modules[n], specs[n]) for n in specs})

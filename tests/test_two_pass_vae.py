@@ -30,17 +30,18 @@ from srexport.parity import compare
 from srexport.runtime.pipeline import SRPipeline
 from srexport.runtime.tiling import TilingSettings, tile_geometries, tiling_section
 
-SMALL_TILES = dict(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16)
+SMALL_TILES = dict(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16, plan="fixed")
 
 
 @pytest.fixture(scope="module")
 def two_pass_artifact(tmp_path_factory):
-    """The demo built as conftest's demo_artifact is, plus the two-pass VAE graphs, with 256 px VAE
-    tiles (so that the CLI test's 160x544 output is three VAE tiles)."""
+    """The demo built as conftest's demo_artifact is, but with the default VAE statistics (coarse),
+    so with the two-pass VAE graphs, and 256 px VAE tiles (so that the CLI test's 160x544 output is
+    three VAE tiles)."""
     from srexport.cli import main
 
     out = tmp_path_factory.mktemp("artifacts") / "pisa-two-pass"
-    assert main(["build", "--scale", "4", "--process-size", "128", "--precision", "fp32", "--vae-norm", "two-pass",
+    assert main(["build", "--scale", "4", "--process-size", "128", "--precision", "fp32",
                  "--vae-tile", "256", "--vae-tile-overlap", "64", "--out", str(out), "--quiet"]) == 0
     return out
 
@@ -130,8 +131,8 @@ def test_statistics_of_the_wrong_length_are_refused():
 def test_artifact_holds_two_pass_graphs_and_records_the_method(art_and_ref):
     art, _ = art_and_ref
     m = art.manifest
-    assert m["tiling"]["vae"]["norm"] == "two-pass" and "pooled" in m["tiling"]["description"]
-    assert TilingSettings.from_manifest(m["tiling"]).vae_norm == "two-pass"
+    assert m["tiling"]["vae"]["norm"] == "coarse" and "averaged over" in m["tiling"]["description"]
+    assert TilingSettings.from_manifest(m["tiling"]) == TilingSettings(vae_tile=256, vae_overlap=64)  # the defaults
     specs = art.components
     assert specs["vae_encoder_stats"].outputs[0].dims == ("batch", 22, 8, 2)
     assert specs["vae_decoder_pooled"].input_names == ["denoised", "decoder_norm_stats"]
@@ -212,7 +213,7 @@ def test_two_pass_onnx_equals_the_two_pass_reference_and_beats_per_tile(art_and_
 
     art, ref = art_and_ref
     two_pass = check_image(_pipeline(art, **SMALL_TILES, vae_norm="two-pass"), ref, small_lr, "small")
-    per_tile = check_image(_pipeline(art, **SMALL_TILES), ref, small_lr, "small")
+    per_tile = check_image(_pipeline(art, **SMALL_TILES, vae_norm="per-tile"), ref, small_lr, "small")
     assert two_pass.tiles == {"encode stats": 12, "encode": 12, "denoise": 12, "decode stats": 12, "decode": 12}
     assert two_pass.tiled.psnr_db >= 50, two_pass.tiled.describe()
     assert not failures(two_pass, 1e-3, 50)  # every graph, statistics standardised, within 1e-3
@@ -232,6 +233,48 @@ def test_two_pass_batches_of_1_and_4_are_identical_and_one_tile_is_untiled(art_a
     assert ("encode stats", 12, 12) in seen and seen[-1] == ("decode", 12, 12)
     whole = _pipeline(art, tile=192, overlap=64, vae_tile=192, vae_overlap=64, vae_norm="two-pass")
     assert torch.equal(whole(small_lr), whole.run_stages(small_lr, tiled=False).tensors["output"])
+
+
+def test_coarse_onnx_equals_the_coarse_reference_and_beats_per_tile(art_and_ref):
+    """The coarse norm: statistics from the VAE input averaged over 3x3 pixels (one statistics
+    pass over a ninth of the area), then every tile normalised with them. ONNX equals the tiled
+    PyTorch reference of the same plan, and it is closer to the whole-image result than per-tile."""
+    from srexport.checking import check_image
+
+    art, ref = art_and_ref
+    from srexport.samples import sample_image
+
+    lr = sample_image()  # 256x256 px: coarse 80x80; a photo, as its statistics
+    # are what an average over 3x3 pixels keeps (white noise loses 8/9 of its variance)
+    even = dict(SMALL_TILES, plan="even")
+    coarse = check_image(_pipeline(art, **even, vae_norm="coarse"), ref, lr, "coarse")
+    per_tile = check_image(_pipeline(art, **even, vae_norm="per-tile"), ref, lr, "per-tile")
+    # the statistics passes run over the coarse input's own grid: a ninth of the tiles' area
+    assert coarse.tiles["encode stats"] < coarse.tiles["encode"] / 3
+    assert coarse.tiles["decode stats"] < coarse.tiles["decode"] / 3
+    assert coarse.tiled.psnr_db >= 50, coarse.tiled.describe()
+    gain = coarse.tiled_vs_whole.psnr_db - per_tile.tiled_vs_whole.psnr_db
+    assert gain > 2, (coarse.tiled_vs_whole.describe(), per_tile.tiled_vs_whole.describe())
+
+
+def test_coarse_statistics_input_is_the_average_of_the_input(art_and_ref):
+    """The runtime reads the encoder's coarse input in bands; it equals avg_pool2d of the whole
+    encoder input (what the reference computes), cropped to whole latent pixels."""
+    import torch.nn.functional as F
+
+    from srexport.processing import preprocess
+    from srexport.runtime.regions import UpscaledSource
+
+    art, ref = art_and_ref
+    lr = torch.rand(1, 3, 61, 97, generator=torch.Generator().manual_seed(2))
+    source = UpscaledSource(lr, ref.processing)
+    stage = TilingSettings(**SMALL_TILES, vae_norm="coarse").stages()["encode"]
+    k, h, w = stage.coarse_size(*source.size)
+    assert (k, h % 8, w % 8) == (3, 0, 0) and h == source.size[0] // 3 // 8 * 8
+    whole = preprocess(lr, ref.processing).model_input
+    expected = F.avg_pool2d(whole[..., : h * k, : w * k], k)
+    assert torch.allclose(source.coarse_model_input(k, h, w), expected, atol=1e-5)
+    assert stage.coarse_size(64, 64 * 3 * 8 - 1) is None  # a side under 8 latent pixels: no coarse input
 
 
 def test_s3diff_two_pass_tiles_match_the_reference(tmp_path):

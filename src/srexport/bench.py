@@ -397,7 +397,8 @@ def _run_bench(artifact_path, config: BenchConfig, log) -> dict:
         with _no_tf32():
             for lr in inputs:
                 expected.append(oracle(lr.to(device)).float().cpu())
-        sizes.append({"lr": (width, height), "inputs": inputs, "expected": expected, "tiled": tiled})
+        sizes.append({"lr": (width, height), "inputs": inputs, "expected": expected, "tiled": tiled,
+                      "tile_plan": planner.tile_plan(height, width) if tiled else {}})
         log(f"reference{' (tiled)' if tiled else ''}: {width}x{height} -> "
             f"{expected[0].shape[-1]}x{expected[0].shape[-2]} on {len(inputs)} inputs")
 
@@ -598,6 +599,8 @@ def _record_shapes(pipeline: SRPipeline, run) -> dict:
 def _size_entry(artifact, size: dict, result: dict, calls: dict, artifact_costs) -> dict:
     model_input = next((shapes for name, c in calls.items() for shapes in c[:1] if "image" in shapes), {})
     entry = {"lr_size": list(size["lr"]), "output_size": result["output_size"], "tiled": size["tiled"],
+             # tiles per stage, their shape and computed area, and the work against an untiled pass
+             "tile_plan": size["tile_plan"],
              "model_input_size": ([model_input["image"][-1], model_input["image"][-2]] if model_input else None),
              "calls": {name: len(c) for name, c in calls.items()}, "cost": None, "cost_error": None}
     try:

@@ -27,6 +27,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from .artifact import tile_settings as ts
+
     parser = _Parser(
         prog="srexport",
         description="Export one-step diffusion super-resolution models (PiSA-SR, S3Diff) to verified ONNX "
@@ -125,9 +127,14 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--untiled-max-mp", type=float, default=None, metavar="MP",
                    help="largest whole-image run, in output megapixels, for --no-tile (default: the artifact's, "
                         "set at build; 2.1 MP unless changed there)")
-    r.add_argument("--vae-norm", choices=["per-tile", "two-pass"], default=None,
+    r.add_argument("--vae-norm", choices=list(ts.VAE_NORMS), default=None,
                    help="GroupNorm statistics of tiled VAE runs (default: the artifact's, set at build). two-pass "
                         "needs an artifact built with --vae-norm two-pass; per-tile runs on any artifact")
+    r.add_argument("--tile-plan", choices=list(ts.TILE_PLAN_NAMES), default=None,
+                   help="tile layout (default: the artifact's, set at build); for comparison on onnxruntime and "
+                        "torch: TensorRT engines are profiled for the artifact's own")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="print each image's tiles per stage and the work they compute against an untiled pass")
     r.add_argument("--grey-output", choices=["auto", "color"], default="auto",
                    help="auto: a greyscale input (identical channels, as a greyscale file is read) gives a greyscale "
                         "output, the result's BT.601 luma (0.299 R + 0.587 G + 0.114 B) in all three channels, "
@@ -251,24 +258,28 @@ def _add_tiling_options(p: argparse.ArgumentParser) -> None:
                   "blends them with upstream's Gaussian weights, so any size runs at a memory set by the tile. "
                   "Defaults: " + ts.REASONING)
     g.add_argument("--tile", type=int, default=ts.DEFAULT_TILE, metavar="PX",
-                   help=f"denoiser (UNet) tile, a multiple of 64 (default: {ts.DEFAULT_TILE} = 64 latent; "
-                        "upstream 768)")
+                   help=f"largest denoiser (UNet) tile, a multiple of 64; the even plan may run shorter ones "
+                        f"(default: {ts.DEFAULT_TILE} = {ts.DEFAULT_TILE // 8} latent, as upstream)")
     g.add_argument("--tile-overlap", type=int, default=ts.DEFAULT_OVERLAP, metavar="PX",
                    help=f"overlap of neighbouring denoiser tiles, a multiple of 8 up to half the tile (default: "
-                        f"{ts.DEFAULT_OVERLAP} = 16 latent; upstream 256)")
+                        f"{ts.DEFAULT_OVERLAP} = {ts.DEFAULT_OVERLAP // 8} latent; upstream 256)")
     g.add_argument("--tile-batch", type=int, default=ts.DEFAULT_BATCH, metavar="N",
                    help=f"denoiser tiles per call; VAE tiles per call are set to move as many pixels, at least 1; "
                         f"engine profiles run from batch 1 to it (default: {ts.DEFAULT_BATCH})")
     g.add_argument("--vae-tile", type=int, default=ts.DEFAULT_VAE_TILE, metavar="PX",
-                   help=f"VAE encoder and decoder tile, a multiple of 64 (default: {ts.DEFAULT_VAE_TILE}; upstream "
-                        "1024 encoder, 1792 decoder)")
+                   help=f"largest VAE encoder and decoder tile, a multiple of 64 (default: {ts.DEFAULT_VAE_TILE}; "
+                        "upstream 1024 encoder, 1792 decoder)")
     g.add_argument("--vae-tile-overlap", type=int, default=ts.DEFAULT_VAE_OVERLAP, metavar="PX",
                    help=f"overlap of neighbouring VAE tiles (default: {ts.DEFAULT_VAE_OVERLAP})")
     g.add_argument("--vae-norm", choices=list(ts.VAE_NORMS), default=ts.DEFAULT_VAE_NORM,
                    help="GroupNorm statistics of tiled VAE runs. per-tile: " + ts.VAE_NORMS["per-tile"]
-                        + ". two-pass: " + ts.VAE_NORMS["two-pass"] + "; adds the graphs vae_encoder_stats, "
+                        + ". two-pass: " + ts.VAE_NORMS["two-pass"] + ". coarse: " + ts.VAE_NORMS["coarse"]
+                        + ". two-pass and coarse add the graphs vae_encoder_stats, "
                         "vae_encoder_pooled, vae_decoder_stats and vae_decoder_pooled. " + ts.VAE_NORM_REASONING
                         + f" (default: {ts.DEFAULT_VAE_NORM})")
+    g.add_argument("--tile-plan", choices=list(ts.TILE_PLAN_NAMES), default=ts.DEFAULT_TILE_PLAN,
+                   help="how tiles are laid out: " + "; ".join(f"{k}: {v}" for k, v in ts.TILE_PLANS.items())
+                        + f" (default: {ts.DEFAULT_TILE_PLAN})")
     g.add_argument("--tile-pad", action="store_true",
                    help="reflect-pad sides shorter than a tile up to it, so every call has exactly the tile shape "
                         "(static-shape engines); by default such sides run at their own length, which is exact")
@@ -282,7 +293,7 @@ def _tiling_settings(args):
     from .artifact.tile_settings import TilingSettings
 
     return TilingSettings(args.tile, args.tile_overlap, args.tile_batch, args.vae_tile, args.vae_tile_overlap,
-                          args.tile_pad, args.untiled_max_mp, args.vae_norm).validate()
+                          args.tile_pad, args.untiled_max_mp, args.vae_norm, args.tile_plan).validate()
 
 
 def _engine_options(args, tile_batch: int | None = None):
@@ -357,11 +368,12 @@ def cmd_build(args) -> int:
 
 def _engines_ready(args):
     """--engines: options valid, TensorRT importable and a GPU visible, or one line now."""
-    from .export.engines import current_machine, require_tensorrt
+    from .export.engines import current_machine, require_polygraphy, require_tensorrt
 
     options = _engine_options(args)
     trt = require_tensorrt("--engines", instead="build without --engines here (the ONNX artifact needs no "
                                                 "TensorRT), and ")
+    require_polygraphy("--engines")
     if current_machine(trt).compute_capability is None:
         raise UserError("--engines needs an NVIDIA GPU visible to PyTorch (torch.cuda.is_available() is False); "
                         "build without --engines here and run 'srexport engines ARTIFACT' on the GPU machine")
@@ -482,6 +494,8 @@ def cmd_run(args) -> int:
         for src, out in tqdm(good, disable=len(good) == 1 or not folder_run, unit="image", file=sys.stderr):
             try:
                 lr = load_image(src)  # the header was fine; the pixels may still be damaged
+                if args.verbose:
+                    print(f"{src.name}: {describe_tile_plan(pipeline.tile_plan(*lr.shape[-2:]))}", file=sys.stderr)
                 with _tile_progress(pipeline, lr, quiet=folder_run):
                     save_image(pipeline(lr), out)
                 written += 1
@@ -520,7 +534,19 @@ def _configure_tiling(pipeline, args) -> None:
         pipeline.tiled = False
     if args.vae_norm is not None:
         pipeline.use_vae_norm(args.vae_norm)
+    if args.tile_plan is not None:
+        pipeline.use_tile_plan(args.tile_plan)
     pipeline.grey_output = args.grey_output
+
+
+def describe_tile_plan(plan: dict) -> str:
+    """One line from ``SRPipeline.tile_plan``."""
+    if not plan:
+        return "runs whole (one tile for every stage)"
+    stages = ", ".join(f"{s} {p['tiles']} x {p['tile'][0]}x{p['tile'][1]} ({p['area_ratio']:.2f}x its area)"
+                       for s, p in plan["stages"].items())
+    return (f"{plan['plan']} tile plan: {stages}; work {plan['work_vs_untiled']:.2f}x an untiled pass "
+            "(stages weighed by SD 2.1's work per pixel)")
 
 
 def _tile_progress(pipeline, lr, quiet: bool = False):

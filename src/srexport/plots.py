@@ -154,3 +154,26 @@ def side_by_side(rows: list[dict], label_height: int = 14):
             x += img.width + gap
         y += label_height + max(img.height for _, img in cells) + gap
     return canvas
+
+
+def crop_differences(reference, outputs: dict, y0: int, x0: int, size: int, title: str, path: str | Path,
+                     reference_label: str = "untiled reference", amplify: int = 8) -> Path:
+    """One row of ``size`` px crops at (y0, x0): the reference, each output, then each output's
+    absolute difference to the reference times ``amplify`` (tensors (1, 3, H, W) in [0, 1])."""
+    import numpy as np
+
+    plt = _pyplot()
+    crop = lambda t: t[0, :, y0 : y0 + size, x0 : x0 + size].permute(1, 2, 0).clamp(0, 1).numpy()
+    panels = [(reference_label, crop(reference))] + [(label, crop(t)) for label, t in outputs.items()]
+    panels += [(f"|{label} - reference| x{amplify}", np.clip(np.abs(crop(t) - crop(reference)) * amplify, 0, 1))
+               for label, t in outputs.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    for ax, (label, image) in zip(axes, panels):
+        ax.imshow(image)
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -205,6 +205,9 @@ def migrate(manifest: dict) -> dict:
     what older versions looked like."""
     if manifest.get("format_version") == 1:
         manifest = _v1_to_v2(manifest)
+    if isinstance(manifest.get("tiling"), dict) and "plan" not in manifest["tiling"]:
+        # v2 artifacts from before --tile-plan: they were laid out by the fixed plan
+        manifest = dict(manifest, tiling=dict(manifest["tiling"], plan="fixed"))
     return manifest
 
 
@@ -257,15 +260,14 @@ def _v1_to_v2(v1: dict) -> dict:
 
 def _add_tiling_defaults(tiling: dict) -> None:
     """Fields the first tiling sections left out, at the values srexport then ran them with."""
-    from .tile_settings import DEFAULT_UNTILED_MAX_MEGAPIXELS, DEFAULT_VAE_NORM
-
     tiling.setdefault("pad", False)
-    tiling.setdefault("untiled_max_megapixels", DEFAULT_UNTILED_MAX_MEGAPIXELS)
+    tiling.setdefault("plan", "fixed")  # the only layout before --tile-plan
+    tiling.setdefault("untiled_max_megapixels", 2.1)
     vae = tiling.setdefault("vae", {})
     if isinstance(vae, dict) and {"tile", "overlap"} <= tiling.keys():
         for part in ("encoder", "decoder"):
             vae.setdefault(part, {"tile": tiling["tile"], "overlap": tiling["overlap"], "batch": 1})
-        vae.setdefault("norm", DEFAULT_VAE_NORM)
+        vae.setdefault("norm", "per-tile")
 
 
 def _add_default_bounds(m: dict) -> None:

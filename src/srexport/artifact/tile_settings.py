@@ -16,11 +16,11 @@ GAUSSIAN_VARIANCE = 0.01  # the tile blend's, upstream's value: relative to the 
 TILE_MULTIPLE = 64  # px: latent tiles stay multiples of 8 (the UNet's three 2x downsamplings)
 OVERLAP_MULTIPLE = VAE_FACTOR  # px: a whole number of latent pixels
 
-DEFAULT_TILE = 512
-DEFAULT_OVERLAP = 128
-DEFAULT_BATCH = 4
+DEFAULT_TILE = 768
+DEFAULT_OVERLAP = 64
+DEFAULT_BATCH = 2
 DEFAULT_VAE_TILE = 1024
-DEFAULT_VAE_OVERLAP = 256
+DEFAULT_VAE_OVERLAP = 48
 # Largest tile side. Without fused attention a tile's largest attention holds (side/8)^4 * 4 bytes of fp32
 # scores per head: 1 GiB at 1024 px, 16 GiB at 2048 px, 256 GiB at 4096 px (the VAE mid-block; the
 # UNet's first level is the same token count). 2048 px is the most that can fit a 24 GB machine at all.
@@ -32,30 +32,51 @@ VAE_NORMS = {
     "two-pass": "a first pass records every tile's GroupNorm statistics, they are pooled over the image "
                 "(mean of means, law of total variance), and a second pass normalises every tile with them; "
                 "twice the VAE work on images of more than one VAE tile, the same memory",
+    "coarse": "the first pass runs on the stage's input averaged over COARSE_FACTOR x COARSE_FACTOR pixels "
+              "(the whole image at a third of its size, itself tiled if larger than a tile), and its statistics "
+              "normalise every tile of the second pass: every tile shares one estimate of the image's "
+              "statistics, so blending leaves no seams, for 1/9 more VAE work; uses the two-pass graphs",
 }
-DEFAULT_VAE_NORM = "per-tile"
+# VAE norms whose runs need the two-pass graphs (a statistics pass, then a pooled pass)
+TWO_PASS_NORMS = ("two-pass", "coarse")
+# The coarse norm's downscale: 2 reaches closer to whole-image statistics (trained demo, 1536 px,
+# VAE decode 38.7 dB vs 37.6 at 3) but adds 1/4 of the VAE work instead of 1/9
+COARSE_FACTOR = 3
+DEFAULT_VAE_NORM = "coarse"
+# How a stage's grid is laid out along each axis (``--tile-plan``; artifact.tile_plan lays them out).
+TILE_PLANS = {
+    "fixed": "tiles of the full tile size on a stride of tile - overlap from 0, the last one pushed back "
+             "against the far edge (upstream's layout; the last overlap can be most of a tile)",
+    "even": "per axis, the fewest tiles of at most the tile size that keep the overlap, spread evenly, each "
+            "as short as that allows: the least computed area for the overlap, every tile of a stage one shape",
+}
+TILE_PLAN_NAMES = tuple(TILE_PLANS)
+DEFAULT_TILE_PLAN = "even"
 VAE_NORM_REASONING = (
-    "VAE GroupNorm statistics are per-tile by default (one VAE pass). On the trained demo at 1024/256 px VAE "
-    "tiles, per-tile encode/decode is 33/32 dB from a whole-image pass and two-pass 46/40 dB; a 1536 px upscale "
-    "with only the VAE tiled is 37 dB from the untiled one per-tile and 46 dB two-pass, for 2.0x the VAE time "
-    "(1.9x end to end; benchmarks/tiled_vae_error.py --runtime)."
+    "Coarse by default: on the trained demo at 1536 px (even plan, 64 px VAE overlap), the VAE decode alone is "
+    "28.7 dB from a whole-image pass per-tile, 37.0 dB two-pass (2x the VAE work), 37.6 dB coarse at 1/3 "
+    "(1.11x) and 38.7 dB coarse at 1/2 (1.25x); the encoder 27.2 / 48.9 (1/3) / 49.8 (1/2) dB. Whole-image "
+    "statistics themselves reach 39.3 dB: the rest is the tiles' borders (40.8 dB at 256 px overlap, coarse "
+    "1/2). benchmarks/tiling_tradeoff.py measures the pipeline end to end."
 )
 
 REASONING = (
-    "Denoiser tiles of 512 px (64 latent) with 128 px (16 latent) overlap: 512 px is what SD 2.1-base and "
-    "PiSA-SR were trained at and PiSA-SR's process size, so output sides are at least one tile (but 504 px for "
-    "four input sizes that upstream's pre-resize rounds down), a 512x512 output is exactly one tile (tiled "
-    "equals untiled), and the UNet sees content at its training scale. Upstream tiles 96 latent with 32 "
-    "overlap (768/256 px); a 1/4 overlap costs 1.78x the untiled UNet work instead of 2.25x. VAE tiles of "
-    "1024 px with 256 px overlap (upstream: encoder 1024 px, decoder 224 latent): the VAE is 84% of the work "
-    "and its GroupNorm statistics are per tile, so its error against a whole-image pass falls fast with tile "
-    "size; one 1024 px VAE tile holds as many pixels as a batch of four 512 px UNet tiles, so the VAE batch "
-    "is 1 and every call moves about 1 MP. Batch 4: enough work per call to fill a large GPU at 512 px tiles. "
-    "On CPU, onnxruntime has no fused attention, so a 1024 px VAE tile's mid-block attention (16384 tokens) "
-    "holds about 1 GiB of scores per call; --vae-tile 512 cuts that 16x, at a larger tiling error. "
-    "Whole-image runs (--no-tile) are refused above 2.1 MP of output: the VAE's mid-block attention is "
-    "quadratic in the pixel count, (pixels)^2 / 1 KiB bytes of fp32 scores without fused attention: 4 GiB at "
-    "2.1 MP, 17 GiB at 4.2 MP (2048x2048)."
+    "Denoiser tiles of at most 768 px (96 latent, upstream's size) with 64 px (8 latent) overlap, VAE tiles of "
+    "at most 1024 px with 48 px overlap, laid out by the even plan: per axis the fewest tiles that keep the "
+    "overlap, spread evenly and as short as that allows (a 1536 px side: 3 denoiser tiles of 576 px, 2 VAE "
+    "tiles of 792 px). With the coarse VAE statistics pass, the tiled run computes 1.14-1.24x an untiled pass "
+    "at SD 2.1's work per pixel for outputs of 1024 to 8192 px (the fixed plan at 512/128 and 1024/256 px: "
+    "1.2-2.1x). Overlaps by measurement (trained demo, 1536 px): with only the denoiser tiled the output is "
+    "33.4 / 32.5 / 32.5 / 32.9 dB from the untiled one at 0 / 32 / 64 / 128 px: its error is the UNet's "
+    "per-tile GroupNorm statistics and attention, not the blend, so a small overlap loses nothing and larger "
+    "tiles (fewer borders) gain; the VAE decode with coarse statistics is 37.6 / 38.1 / 39.0 dB at 64 / 128 / "
+    "256 px for 1.09 / 1.17 / 1.36x its area, so its overlap is set by the work budget. Batch 2: 1.2 MP per "
+    "denoiser call, about one 1024 px VAE tile (VAE batch 1), so memory is set by the tile as before. A "
+    "512x512 output is one tile (tiled equals untiled). On CPU, onnxruntime has no fused attention, so a "
+    "1024 px VAE tile's mid-block attention (16384 tokens) holds about 1 GiB of scores per call; --vae-tile "
+    "512 cuts that 16x, at a larger tiling error. Whole-image runs (--no-tile) are refused above 2.1 MP of "
+    "output: the VAE's mid-block attention is quadratic in the pixel count, (pixels)^2 / 1 KiB bytes of fp32 "
+    "scores without fused attention: 4 GiB at 2.1 MP, 17 GiB at 4.2 MP (2048x2048)."
 )
 
 
@@ -70,7 +91,8 @@ class TilingSettings:
     vae_overlap: int = DEFAULT_VAE_OVERLAP
     pad: bool = False  # pad sides shorter than a tile up to it (fixed-shape engines)
     untiled_max_megapixels: float = DEFAULT_UNTILED_MAX_MEGAPIXELS
-    vae_norm: str = DEFAULT_VAE_NORM  # "per-tile" | "two-pass" (VAE_NORMS)
+    vae_norm: str = DEFAULT_VAE_NORM  # a VAE_NORMS key
+    plan: str = DEFAULT_TILE_PLAN  # how tiles are laid out (artifact.tile_plan.TILE_PLANS)
 
     def validate(self) -> "TilingSettings":
         for flag, tile, overlap in (("--tile", self.tile, self.overlap),
@@ -90,6 +112,8 @@ class TilingSettings:
             raise UserError(f"--tile-batch {self.batch} is out of range; use 1 to 256")
         if self.vae_norm not in VAE_NORMS:
             raise UserError(f"--vae-norm {self.vae_norm!r} is not one of {', '.join(VAE_NORMS)}")
+        if self.plan not in TILE_PLAN_NAMES:
+            raise UserError(f"--tile-plan {self.plan!r} is not one of {', '.join(TILE_PLAN_NAMES)}")
         if not self.untiled_max_megapixels > 0:
             raise UserError(f"--untiled-max-mp {self.untiled_max_megapixels} must be a positive number of megapixels")
         return self
@@ -105,12 +129,13 @@ class TilingSettings:
         """The three tiled stages (``runtime.tiling.StageTiling``), each in its input's own pixels."""
         from .tile_plan import StageTiling
 
-        f = VAE_FACTOR
+        f, plan = VAE_FACTOR, self.plan
         return {
-            "encode": StageTiling("encode", self.vae_tile, self.vae_overlap, self.vae_batch, 1, f, self.pad),
-            "denoise": StageTiling("denoise", self.tile // f, self.overlap // f, self.batch, 1, 1, self.pad),
+            "encode": StageTiling("encode", self.vae_tile, self.vae_overlap, self.vae_batch, 1, f, self.pad, plan),
+            "denoise": StageTiling("denoise", self.tile // f, self.overlap // f, self.batch, 1, 1, self.pad, plan,
+                                   unit=TILE_MULTIPLE // f),
             "decode": StageTiling("decode", self.vae_tile // f, self.vae_overlap // f, self.vae_batch, f, 1,
-                                  self.pad),
+                                  self.pad, plan),
         }
 
     def fits_one_tile(self, height: int, width: int) -> bool:
@@ -130,6 +155,7 @@ class TilingSettings:
             },
             "blend": {"weights": "gaussian", "variance": GAUSSIAN_VARIANCE},
             "pad": self.pad,
+            "plan": self.plan,
             "untiled_max_megapixels": self.untiled_max_megapixels,
             "description": self.describe(),
         }
@@ -156,7 +182,7 @@ class TilingSettings:
             tile=int(section["tile"]), overlap=int(section["overlap"]), batch=int(section["batch"]),
             vae_tile=int(vae["decoder"]["tile"]), vae_overlap=int(vae["decoder"]["overlap"]),
             pad=bool(section["pad"]), untiled_max_megapixels=float(section["untiled_max_megapixels"]),
-            vae_norm=vae["norm"],
+            vae_norm=vae["norm"], plan=section["plan"],
         )
 
 
@@ -172,11 +198,11 @@ def check_vae_norm(manifest: dict, method: str) -> str:
     if manifest.get("tiling") is None:
         raise UserError("this artifact has no tiling section, so --vae-norm does not apply; rebuild it with this "
                         "srexport")
-    if method == "two-pass":
+    if method in TWO_PASS_NORMS:
         missing = [g for graphs in TWO_PASS_GRAPHS.values() for g in graphs if g not in manifest.get("components", {})]
         if missing:
             raise UserError("this artifact has no two-pass VAE graphs (" + ", ".join(missing) + "); rebuild it "
-                            "with 'srexport build ... --vae-norm two-pass', or run with --vae-norm per-tile")
+                            "with 'srexport build ... --vae-norm two-pass' (or coarse), or run with --vae-norm per-tile")
     return method
 
 

@@ -11,19 +11,22 @@ agree to float rounding) and, separately, this with the untiled reference
 (what tiling itself changes). With two-pass VAE GroupNorm (the artifact's
 ``tiling.vae.norm``), every tile's statistics are recorded, pooled over the
 image as whole tensors (``pool_stats``; the runtime streams them) and the
-tiles run again with the pool.
+tiles run again with the pool; with the coarse norm the statistics come
+from the input averaged over k x k pixels (``StageTiling.coarse_size``),
+tiled the same way where it is larger than a tile.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..artifact.specs import VAE_FACTOR
 from ..kernels.tiling import blend_tiles, extract_tiles, gaussian_weights
 from .group_norm_stats import normalising_with, pool_stats, recording
 from ..processing import postprocess
 from ..artifact.tile_plan import StageTiling
-from ..artifact.tile_settings import TilingSettings
+from ..artifact.tile_settings import TWO_PASS_NORMS, TilingSettings
 
 
 def tiled_apply(fn, x: torch.Tensor, stage: StageTiling) -> torch.Tensor:
@@ -80,7 +83,7 @@ class TiledReference:
         """``fn`` (a VAE half, whose GroupNorms are ``module``'s) tiled; with two-pass GroupNorm,
         first every tile's statistics, pooled over all of them, then every tile normalised with
         the pool (models/group_norm_stats.py)."""
-        if self.settings.vae_norm != "two-pass" or stage.grid(*x.shape[-2:]).count == 1:
+        if self.settings.vae_norm not in TWO_PASS_NORMS or stage.grid(*x.shape[-2:]).count == 1:
             return tiled_apply(fn, x, stage)
         recorded = []
 
@@ -90,7 +93,12 @@ class TiledReference:
             recorded.append(torch.stack(stats, 1))
             return out
 
-        tiled_apply(record, x, stage)
+        size = stage.coarse_size(*x.shape[-2:]) if self.settings.vae_norm == "coarse" else None
+        if size is not None:  # the statistics of the input averaged over k x k pixels, itself tiled
+            k, h, w = size
+            tiled_apply(record, F.avg_pool2d(x[..., : h * k, : w * k], k), stage)
+        else:
+            tiled_apply(record, x, stage)
         pooled = pool_stats(torch.cat(recorded))
 
         def normalised(tile):

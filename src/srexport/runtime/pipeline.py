@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..artifact.tile_settings import TWO_PASS_NORMS
 from ..errors import InputTypeError, InputValueError
 from ..processing import Processing, postprocess, preprocess
 from . import tiling as tiling_
@@ -217,7 +218,9 @@ class SRPipeline:
         from ..artifact.tile_settings import check_vae_norm
 
         check_vae_norm(self.manifest, method)
-        missing = [g for g in self._two_pass_graphs() if g not in self.runners] if method == "two-pass" else []
+        # a pipeline without runners only plans (bench, tile counts); one with runners must have these
+        missing = [g for g in self._two_pass_graphs() if g not in self.runners] if (
+            method in TWO_PASS_NORMS and self.runners) else []
         if missing:
             raise ValueError(f"two-pass VAE needs runners for {', '.join(missing)}")
         self.tiling = dataclasses.replace(self.tiling, vae_norm=method)
@@ -240,7 +243,14 @@ class SRPipeline:
     def _two_pass(self, grid: tiling_.TileGrid) -> bool:
         """Whether a VAE stage over ``grid`` runs two passes (one tile: the tile's own statistics
         are the image's, and the plain graph computes exactly that)."""
-        return self.tiling.vae_norm == "two-pass" and grid.count > 1
+        return self.tiling.vae_norm in TWO_PASS_NORMS and grid.count > 1
+
+    def _statistics_grid(self, stage: tiling_.StageTiling, grid: tiling_.TileGrid) -> tiling_.TileGrid | None:
+        """The grid a VAE stage's statistics pass runs over (``StageTiling.statistics_grid``: its
+        own tiles for two-pass, its input at 1/k for coarse), or None (one pass)."""
+        if not self._two_pass(grid):
+            return None
+        return stage.statistics_grid(grid.height, grid.width, self.tiling.vae_norm)
 
     @property
     def backend(self) -> str:
@@ -287,11 +297,40 @@ class SRPipeline:
         """Tiles per stage for an LR image of this size (for progress bars)."""
         height, width = upscaled_size(lr_height, lr_width, self.processing)
         counts = {}
+        stages = self.tiling.stages()
         for stage, grid in tiling_.plan_tiles(self.tiling, height, width).items():
-            if stage != "denoise" and self._two_pass(grid):
-                counts[tiling_.stats_label(stage)] = grid.count
+            statistics = self._statistics_grid(stages[stage], grid) if stage != "denoise" else None
+            if statistics is not None:
+                counts[tiling_.stats_label(stage)] = statistics.count
             counts[stage] = grid.count
         return counts
+
+    def tile_plan(self, lr_height: int, lr_width: int) -> dict:
+        """How an LR image of this size is tiled: per stage the tile count, tile shape (its input's
+        pixels) and computed area over the image's, and the total work against an untiled pass
+        (``artifact.tile_plan.work_ratios``). Empty for an image that runs whole."""
+        height, width = upscaled_size(lr_height, lr_width, self.processing)
+        if not self.will_tile(lr_height, lr_width):
+            return {}
+        grids = tiling_.plan_tiles(self.tiling, height, width)
+        stages = self.tiling.stages()
+        statistics = {s: self._statistics_grid(stages[s], g) for s, g in grids.items() if s != "denoise"}
+        ratios = tiling_.work_ratios(grids, {s: g for s, g in statistics.items() if g is not None})
+        return {"stages": {s: {"tiles": g.count, "tile": [g.tile_h, g.tile_w], "area_ratio": round(ratios[s], 4)}
+                           for s, g in grids.items()},
+                "work_vs_untiled": round(ratios["total"], 4), "plan": self.tiling.plan}
+
+    def use_tile_plan(self, plan: str) -> None:
+        """The tile layout for later calls (artifact.tile_plan.TILE_PLANS): any plan runs on the
+        onnxruntime and PyTorch backends; engines are profiled for the artifact's own."""
+        import dataclasses
+
+        from ..errors import UserError
+
+        if self.tiling is None:
+            raise UserError("this artifact has no tiling section, so --tile-plan does not apply; rebuild it with "
+                            "this srexport")
+        self.tiling = dataclasses.replace(self.tiling, plan=plan).validate()
 
     def run_stages(self, lr: torch.Tensor, timer: Timer | None = None, tiled: bool | None = None) -> StageOutputs:
         """LR (1,3,h,w) float in [0,1] -> every named tensor, timed per stage.
@@ -371,7 +410,8 @@ class SRPipeline:
         grid = grids["encode"]
         env["latent"] = self._vae_stage(
             self._plain_graph("encode"), stages["encode"], grid, "image", env, timer, "preprocess",
-            lambda origins: torch.cat([source.model_tile(y, x, grid.tile_h, grid.tile_w) for y, x in origins]))
+            lambda g: lambda origins: torch.cat([source.model_tile(y, x, g.tile_h, g.tile_w) for y, x in origins]),
+            lambda k, h, w: source.coarse_model_input(k, h, w))
 
         stage, grid = stages["denoise"], grids["denoise"]
         env["denoised"] = tiling_.run_stage(
@@ -381,7 +421,8 @@ class SRPipeline:
 
         grid = grids["decode"]
         decoded = self._vae_stage(self._plain_graph("decode"), stages["decode"], grid, "denoised", env, timer, None,
-                                  tiling_.latent_reader(env["denoised"], grid))
+                                  lambda g: tiling_.latent_reader(env["denoised"], g),
+                                  lambda k, h, w: tiling_.coarse(env["denoised"], k, h, w))
 
         timer.start("postprocess")
         env["output"] = finish_in_place(decoded, source)  # the output is the decoder's canvas
@@ -390,10 +431,12 @@ class SRPipeline:
         return out
 
     def _vae_stage(self, plain: str, stage, grid, tiled_input: str, env: dict, timer,
-                   read_stage, read) -> torch.Tensor:
-        """A tiled VAE stage: ``plain`` over the tiles, blended; with two-pass GroupNorm, first
-        its stats graph over the tiles into a pool (env gets the pooled statistics), then its
-        pooled graph. Both passes are timed as the stage."""
+                   read_stage, reader, coarse_input) -> torch.Tensor:
+        """A tiled VAE stage: ``plain`` over the tiles, blended. With two-pass or coarse GroupNorm,
+        first its stats graph over the statistics grid (``_statistics_grid``) into a pool (env
+        gets the pooled statistics), then its pooled graph over the tiles; both passes are timed
+        as the stage. ``reader(grid)`` reads the input's tiles; ``coarse_input(k, h, w)`` gives the
+        input averaged over k x k pixels, cropped to h x w (the coarse norm's)."""
         from ..models.group_norm_stats import TWO_PASS_OF, StatsPool, norm_stats_name, tile_stats_name
 
         def compute(component: str, output: str):
@@ -401,13 +444,23 @@ class SRPipeline:
 
         output = self.runners[plain].spec.output_names[0]
         component = plain
-        if self._two_pass(grid):
+        statistics = self._statistics_grid(stage, grid)
+        if statistics is not None:
             stats_graph, component, _ = TWO_PASS_OF[plain]
+            read = reader(statistics)
+            size = stage.coarse_size(grid.height, grid.width) if self.tiling.vae_norm == "coarse" else None
+            if size is not None:
+                if timer is not None and read_stage:
+                    timer.start(read_stage)
+                small = coarse_input(*size)
+                if timer is not None and read_stage:
+                    timer.stop(read_stage)
+                read = tiling_.latent_reader(small, statistics)
             env[norm_stats_name(plain)] = tiling_.run_stage(
-                stage, grid, read, compute(stats_graph, tile_stats_name(plain)), StatsPool(), self.progress, timer,
-                read_stage, label=tiling_.stats_label(stage.name)).to(env["lr_image"].device)
+                stage, statistics, read, compute(stats_graph, tile_stats_name(plain)), StatsPool(),
+                self.progress, timer, None, label=tiling_.stats_label(stage.name)).to(env["lr_image"].device)
         canvas = tiling_.BlendCanvas(grid, stage, self.runners[plain].spec.output_channels, env["lr_image"].device)
-        return tiling_.run_stage(stage, grid, read, compute(component, output), canvas, self.progress, timer,
+        return tiling_.run_stage(stage, grid, reader(grid), compute(component, output), canvas, self.progress, timer,
                                  read_stage)
 
     def __call__(self, lr, grey_output: str | None = None) -> torch.Tensor:

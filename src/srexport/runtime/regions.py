@@ -189,6 +189,18 @@ class UpscaledSource:
     def model_tile(self, y: int, x: int, tile_h: int, tile_w: int) -> torch.Tensor:
         return self.model_region(np.arange(y, y + tile_h), np.arange(x, x + tile_w))
 
+    def coarse_model_input(self, factor: int, height: int, width: int) -> torch.Tensor:
+        """(1, 3, height, width): the encoder input averaged over ``factor`` x ``factor`` pixels (the
+        coarse VAE norm's statistics input), read in bands of whole blocks so memory stays bounded
+        by a band, not the image; equal to ``F.avg_pool2d`` of the whole input."""
+        import torch.nn.functional as F
+
+        step = max(1, band_rows(width * factor) // factor) * factor
+        cols = np.arange(width * factor)
+        bands = [F.avg_pool2d(self.model_region(np.arange(y, min(y + step, height * factor)), cols), factor)
+                 for y in range(0, height * factor, step)]
+        return torch.cat(bands, dim=-2)
+
     def reference_rows(self, y0: int, y1: int) -> torch.Tensor:
         """(1, 3, y1 - y0, W_ref) of the reference (the upscaled input, [0, 1], unclamped)."""
         return self._region(np.arange(y0, y1), self._all_columns)

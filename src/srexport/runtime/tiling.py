@@ -42,7 +42,8 @@ import torch
 from ..errors import UserError
 from ..artifact.specs import SPATIAL_DIMS, ComponentSpec
 from ..kernels.tiling import extract_tiles, gaussian_1d, gaussian_weights
-from ..artifact.tile_plan import StageTiling, TileGrid, plan_tiles, tile_geometries  # noqa: F401  (the runtime's API)
+from ..artifact.tile_plan import (  # noqa: F401  (the runtime's API)
+    StageTiling, TileGrid, plan_tiles, tile_geometries, work_ratios)
 from ..artifact.tile_settings import (  # settings: torch-free, for the CLI
     DEFAULT_BATCH,
     DEFAULT_OVERLAP,
@@ -179,6 +180,14 @@ def latent_reader(latent: torch.Tensor, grid: TileGrid) -> Callable[[list[tuple[
     return read
 
 
+def coarse(x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
+    """``x`` averaged over ``factor`` x ``factor`` pixels, the first ``height`` x ``width`` of it
+    (the coarse VAE norm's statistics input)."""
+    import torch.nn.functional as F
+
+    return F.avg_pool2d(x[..., : height * factor, : width * factor], factor)
+
+
 def stats_label(stage: str) -> str:
     """The progress label of a two-pass VAE stage's first pass."""
     return f"{stage} stats"
@@ -234,6 +243,6 @@ def check_untiled(height: int, width: int, limit_megapixels: float) -> None:
 __all__ = [
     "DEFAULT_BATCH", "DEFAULT_OVERLAP", "DEFAULT_TILE", "DEFAULT_UNTILED_MAX_MEGAPIXELS", "DEFAULT_VAE_OVERLAP",
     "DEFAULT_VAE_TILE", "REASONING", "BlendCanvas", "Progress", "StageTiling", "TileGrid", "TilingSettings",
-    "check_untiled", "check_untiled_inputs", "latent_reader", "manifest_tiling", "plan_tiles", "run_stage",
-    "tile_feeds", "tile_geometries", "tile_progress_bar", "tiling_section",
+    "check_untiled", "check_untiled_inputs", "coarse", "latent_reader", "manifest_tiling", "plan_tiles", "run_stage",
+    "tile_feeds", "tile_geometries", "tile_progress_bar", "tiling_section", "work_ratios",
 ]
