@@ -375,6 +375,12 @@ def test_cli_run_tiles_by_default_and_refuses_big_untiled_runs(demo_artifact, tm
     assert main(["run", str(demo_artifact), str(tmp_path / "in.png"), "-o", str(out)]) == 0
     assert "tile" in capsys.readouterr().err  # the progress bar over tiles
     assert load_image(out).shape == (1, 3, 160, 1088)
+    # -v: the plan per stage and its work against an untiled pass, for the run's plan
+    for plan, work in (("even", "1.05x"), ("fixed", "1.80x")):  # 2 tiles of 568 px vs 2 of 1024
+        assert main(["run", str(demo_artifact), str(tmp_path / "in.png"), "-o", str(out), "--force", "-v",
+                     "--tile-plan", plan]) == 0
+        line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("in.png: "))
+        assert f"{plan} tile plan: encode 2 x" in line and f"work {work} an untiled pass" in line, line
 
 
 def test_s3diff_tiles_share_the_whole_image_scores(tmp_path):

@@ -277,9 +277,11 @@ def test_coarse_statistics_input_is_the_average_of_the_input(art_and_ref):
     assert stage.coarse_size(64, 64 * 3 * 8 - 1) is None  # a side under 8 latent pixels: no coarse input
 
 
-def test_s3diff_two_pass_tiles_match_the_reference(tmp_path):
+@pytest.mark.parametrize("norm, lr_size", [("two-pass", (16, 28)), ("coarse", (48, 48))])
+def test_s3diff_two_pass_tiles_match_the_reference(tmp_path, norm, lr_size):
     """The scores-modulated S3Diff encoder through its two-pass graphs (torch backend), with
-    the whole image's scores, equals the tiled two-pass reference."""
+    the whole image's scores, equals the tiled reference of the same statistics method
+    (two-pass; coarse on an image whose third is still 8 latent pixels a side)."""
     from srexport.export.s3diff_recipe import S3DiffSettings, s3diff_specs
     from srexport.models.base import build_base
     from srexport.models.group_norm_stats import two_pass_specs
@@ -294,16 +296,20 @@ def test_s3diff_two_pass_tiles_match_the_reference(tmp_path):
     specs = s3diff_specs(S3DiffSettings())
     specs.update(two_pass_specs(specs, modules))
     assert specs["vae_encoder_pooled"].input_names == ["image", "scores", "encoder_norm_stats"]
-    tiling = TilingSettings(tile=64, overlap=0, batch=3, vae_tile=64, vae_overlap=0, vae_norm="two-pass")
+    tiling = TilingSettings(tile=64, overlap=0, batch=3, vae_tile=64, vae_overlap=0, vae_norm=norm)
     manifest = {"processing": ref.processing.to_dict(), "denoise": ref.denoise_plan(),
                 "tiling": tiling_section(tiling), "components": {n: {} for n in specs}}
     pipeline = SRPipeline(manifest, {n: TorchRunner(modules[n], specs[n]) for n in specs})
-    lr = torch.rand(1, 3, 16, 28, generator=torch.Generator().manual_seed(5))
+    lr = torch.rand(1, 3, *lr_size, generator=torch.Generator().manual_seed(5))
+    if norm == "coarse":  # 192x192 px: the coarse pass runs on 64x64 px and 8x8 latent pixels
+        stages = tiling.stages()
+        assert stages["encode"].coarse_size(192, 192) == (3, 64, 64)
+        assert stages["decode"].coarse_size(24, 24) == (3, 8, 8)
     expected = TiledReference(ref, tiling)(lr)
     per_tile = TiledReference(ref, dataclasses.replace(tiling, vae_norm="per-tile"))(lr)
     out = pipeline(lr)
     assert compare(out, expected, 1.0).psnr_db > 90
-    assert compare(out, per_tile, 1.0).psnr_db < 80  # the pooled statistics changed something
+    assert compare(out, per_tile, 1.0).psnr_db < 80  # the shared statistics changed something
 
 
 # --- choosing the method at run time -------------------------------------------------------

@@ -32,7 +32,7 @@ VAE_NORMS = {
     "two-pass": "a first pass records every tile's GroupNorm statistics, they are pooled over the image "
                 "(mean of means, law of total variance), and a second pass normalises every tile with them; "
                 "twice the VAE work on images of more than one VAE tile, the same memory",
-    "coarse": "the first pass runs on the stage's input averaged over COARSE_FACTOR x COARSE_FACTOR pixels "
+    "coarse": "the first pass runs on the stage's input averaged over 3x3 pixels (COARSE_FACTOR) "
               "(the whole image at a third of its size, itself tiled if larger than a tile), and its statistics "
               "normalise every tile of the second pass: every tile shares one estimate of the image's "
               "statistics, so blending leaves no seams, for 1/9 more VAE work; uses the two-pass graphs",
@@ -64,7 +64,7 @@ REASONING = (
     "Denoiser tiles of at most 768 px (96 latent, upstream's size) with 64 px (8 latent) overlap, VAE tiles of "
     "at most 1024 px with 48 px overlap, laid out by the even plan: per axis the fewest tiles that keep the "
     "overlap, spread evenly and as short as that allows (a 1536 px side: 3 denoiser tiles of 576 px, 2 VAE "
-    "tiles of 792 px). With the coarse VAE statistics pass, the tiled run computes 1.14-1.24x an untiled pass "
+    "tiles of 792 px). With the coarse VAE statistics pass, the tiled run computes 1.05-1.24x an untiled pass "
     "at SD 2.1's work per pixel for outputs of 1024 to 8192 px (the fixed plan at 512/128 and 1024/256 px: "
     "1.2-2.1x). Overlaps by measurement (trained demo, 1536 px): with only the denoiser tiled the output is "
     "33.4 / 32.5 / 32.5 / 32.9 dB from the untiled one at 0 / 32 / 64 / 128 px: its error is the UNet's "
