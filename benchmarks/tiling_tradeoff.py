@@ -2,11 +2,12 @@
 
 The old default: the fixed plan (full tiles on a stride of tile - overlap, the last one pushed
 against the far edge), denoiser tiles 512/128 px at batch 4, VAE tiles 1024/256 px, per-tile VAE
-GroupNorm statistics. The new default (srexport's ``TilingSettings()``): the even plan, denoiser
-tiles of at most 768/64 px at batch 2, VAE tiles of at most 1024/48 px, coarse VAE statistics.
+GroupNorm statistics, per-tile UNet statistics. The new default (srexport's ``TilingSettings()``):
+the even plan, denoiser tiles of at most 768/64 px at batch 2, VAE tiles of at most 1024/48 px,
+coarse VAE and UNet statistics.
 
 One fp32 artifact of the trained demo (built with the new defaults, so it holds the two-pass
-graphs the coarse norm uses) runs both: onnxruntime has dynamic shapes, so a pipeline's tiling is
+and UNet graphs the coarse norms use) runs both: onnxruntime has dynamic shapes, so a pipeline's tiling is
 only a choice of grids. For each output size (the astronaut photo's LR at size / 4):
 
 - counted work: computed area over the image's per stage (the statistics pass included) and the
@@ -49,12 +50,12 @@ def settings_for(name: str):
 
     if name == "old":
         return TilingSettings(tile=512, overlap=128, batch=4, vae_tile=1024, vae_overlap=256, vae_norm="per-tile",
-                              plan="fixed").validate()
+                              plan="fixed", unet_norm="per-tile").validate()
     return TilingSettings().validate()
 
 
 def build_artifact(scratch: Path) -> Path:
-    out = scratch / "demo-fp32-new-defaults"
+    out = scratch / "demo-fp32-default-tiling"
     if not (out / "manifest.json").exists():
         print(f"building the trained demo (fp32, default tiling) into {out}", flush=True)
         subprocess.run([sys.executable, "-m", "srexport.cli", "build", "--scale", "4", "--precision", "fp32",

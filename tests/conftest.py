@@ -42,7 +42,7 @@ def demo_artifact(tmp_path_factory, demo_source):
     from srexport.cli import main
 
     out = tmp_path_factory.mktemp("artifacts") / "pisa-demo"
-    assert main(["build", "--scale", "4", "--process-size", "128", "--precision", "fp32", "--vae-norm", "per-tile",
+    assert main(["build", "--scale", "4", "--process-size", "128", "--precision", "fp32", "--vae-norm", "per-tile", "--unet-norm", "per-tile",
                  "--out", str(out), "--quiet"]) == 0
     return out
 

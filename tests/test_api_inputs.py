@@ -207,7 +207,7 @@ def test_tiled_grey_input_gives_grey_output(demo_artifact, grey_lr, tmp_path):
     shutil.copytree(demo_artifact, tiled)
     manifest = json.loads((tiled / "manifest.json").read_text())
     manifest["tiling"] = tiling_section(TilingSettings(tile=128, overlap=32, batch=2, vae_tile=128, vae_overlap=32,
-                                                                      vae_norm="per-tile"))
+                                                                      vae_norm="per-tile", unet_norm="per-tile"))
     (tiled / "manifest.json").write_text(json.dumps(manifest))
     pipeline = load_pipeline(tiled, "ort")
     lr = resize(grey_lr[1], (48, 48), "bicubic").clamp(0, 1)  # channels stay identical

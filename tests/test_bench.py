@@ -140,7 +140,7 @@ def test_bench_tiled_artifact_compares_with_the_tiled_reference(demo_artifact, s
     shutil.copytree(demo_artifact, tiled)
     manifest = json.loads((tiled / "manifest.json").read_text())
     manifest["tiling"] = tiling_section(TilingSettings(tile=128, overlap=32, batch=2, vae_tile=128, vae_overlap=32,
-                                                                      vae_norm="per-tile"))
+                                                                      vae_norm="per-tile", unet_norm="per-tile"))
     (tiled / "manifest.json").write_text(json.dumps(manifest))
     report = run_bench(tiled, BenchConfig(backends=["ort"], sizes=[(48, 48)], iters=1, warmup=0, inputs=1,
                                           torch_threads=1), log=lambda message: None)

@@ -24,7 +24,7 @@ GOLDEN = Path(__file__).parent / "data" / "golden"
 CROPS = {"crop-37x45": (8, 45, 4, 41), "crop-24x32": (8, 32, 4, 36)}  # as in tools/golden_outputs.py
 # the layout and statistics the golden outputs were made with (before the even plan and coarse
 # statistics became the defaults): the regression check holds those paths to their bytes
-SMALL_TILES = TilingSettings(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16, plan="fixed", vae_norm="per-tile")
+SMALL_TILES = TilingSettings(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16, plan="fixed", vae_norm="per-tile", unet_norm="per-tile")
 
 
 @pytest.fixture(scope="module")

@@ -346,7 +346,7 @@ def test_check_tiles_both_ways_and_leaves_no_temporary_folder(fp16, tmp_path, mo
     shutil.copytree(fp16.folder, folder)
     manifest = read_manifest(folder)
     manifest["tiling"] = tiling_section(TilingSettings(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16,
-                                                                     vae_norm="per-tile"))
+                                                                     vae_norm="per-tile", unet_norm="per-tile"))
     write_manifest(folder, manifest)
     image = save_image(small_lr, tmp_path / "lr.png")
     temp = tmp_path / "temp"

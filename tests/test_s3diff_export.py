@@ -19,7 +19,7 @@ def s3diff_source():
 @pytest.fixture(scope="session")
 def s3diff_artifact(tmp_path_factory, s3diff_source):
     out = tmp_path_factory.mktemp("artifacts") / "s3diff-demo"
-    assert main(["build", "--model", "s3diff", "--precision", "fp32", "--vae-norm", "per-tile", "--out", str(out),
+    assert main(["build", "--model", "s3diff", "--precision", "fp32", "--vae-norm", "per-tile", "--unet-norm", "per-tile", "--out", str(out),
                  "--quiet"]) == 0
     from srexport.artifact.manifest import load_artifact
     from srexport.runtime.loading import reference_for
@@ -30,11 +30,13 @@ def s3diff_artifact(tmp_path_factory, s3diff_source):
 
 @pytest.fixture(scope="session")
 def s3diff_fp16_artifact(tmp_path_factory, s3diff_source):
-    """The README's demo build with its defaults (fp16), through the CLI."""
+    """The README's demo build with its defaults (fp16, coarse VAE statistics), through the CLI, but
+    per-tile UNet statistics: the UNet's statistics graphs would double the build's time here
+    (their export is test_unet_statistics_graphs_export_with_each_guidance_copy_apart)."""
     from srexport.artifact.manifest import load_artifact
 
     out = tmp_path_factory.mktemp("artifacts") / "s3diff-demo-fp16"
-    assert main(["build", "--model", "s3diff", "--out", str(out), "--quiet"]) == 0
+    assert main(["build", "--model", "s3diff", "--unet-norm", "per-tile", "--out", str(out), "--quiet"]) == 0
     return load_artifact(out)
 
 
@@ -111,6 +113,36 @@ def test_onnx_pipeline_matches_reference_end_to_end(s3diff_artifact, small_lr):
     assert compare(out, ref(small_lr), 1.0).psnr_db >= 50
 
 
+def test_unet_statistics_graphs_export_with_each_guidance_copy_apart(s3diff_artifact, tmp_path):
+    """S3Diff's UNet graph runs guidance's positive and negative passes as one stacked batch: its
+    statistics graph returns each copy's statistics apart ((batch, 2L, G, 2)), its pooled graph
+    takes them back, and both export to ONNX that matches PyTorch at batch 2."""
+    from srexport.checking import compare_outputs
+    from srexport.export.build import TRACE_GEOMETRY
+    from srexport.export.onnx_export import export_onnx
+    from srexport.artifact.specs import Geometry
+    from srexport.models.group_norm_stats import count_norms, graph_modules, two_pass_specs
+    from srexport.runtime.runners import OnnxRuntimeRunner, TorchRunner
+
+    art, ref = s3diff_artifact
+    modules = graph_modules(ref)
+    specs = two_pass_specs(art.components, modules, plains=["unet"])
+    calls, groups = count_norms(modules["unet"], art.components["unet"])
+    assert specs["unet_stats"].outputs[0].dims == ("batch", calls, groups, 2) and calls % 2 == 0
+    g = Geometry(2, 64, 96)
+    for name in ("unet_stats", "unet_pooled"):
+        export_onnx(modules[name], specs[name], tmp_path / f"{name}.onnx", TRACE_GEOMETRY)
+        feeds = specs[name].sample_inputs(g, seed=4)
+        if name == "unet_pooled":  # real statistics: the stats graph's own of these latents
+            feeds["unet_norm_stats"] = modules["unet_stats"](feeds["latent"], feeds["scores"])
+        p = compare_outputs(OnnxRuntimeRunner(tmp_path / f"{name}.onnx", specs[name])(feeds),
+                            TorchRunner(modules[name], specs[name])(feeds))
+        assert p.rel_l2 < 1e-4, (name, p.describe())
+    plain = TorchRunner(modules["unet"], art.components["unet"])({k: feeds[k] for k in ("latent", "scores")})
+    pooled = TorchRunner(modules["unet_pooled"], specs["unet_pooled"])(feeds)
+    assert torch.allclose(plain["denoised"], pooled["denoised"], atol=1e-4)  # its own statistics: itself
+
+
 def test_fixed_degradation_graphs_equal_dynamic_graphs(s3diff_artifact, s3diff_source, tmp_path):
     """Merged static weights for scores s == dynamic graphs fed s (encoder and UNet)."""
     from srexport.export.build import TRACE_GEOMETRY
@@ -159,7 +191,7 @@ def test_default_fp16_demo_builds_within_its_per_component_bounds(s3diff_fp16_ar
     m = s3diff_fp16_artifact.manifest
     bounds, record = m["checks"]["bounds"], m["checks"]["precision"]
     names = {"degradation", "vae_encoder", "unet", "vae_decoder", "vae_encoder_stats", "vae_encoder_pooled",
-             "vae_decoder_stats", "vae_decoder_pooled"}  # the default coarse statistics' graphs too
+             "vae_decoder_stats", "vae_decoder_pooled"}  # the coarse VAE statistics' graphs too
     assert m["export"]["precision"] == "fp16" and bounds["component_rel_l2"] is None
     assert bounds["components"] == {c: {"min_output_psnr": 40.0} for c in names}
     assert record["bound_failures"] == []

@@ -154,7 +154,7 @@ def test_demo_artifact_records_the_pad_policy(demo_artifact):
 
 # --- the artifact against the PyTorch reference, tiled and untiled ------------------------
 
-SMALL_TILES = dict(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16, vae_norm="per-tile")
+SMALL_TILES = dict(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16, vae_norm="per-tile", unet_norm="per-tile")
 
 
 @pytest.fixture(scope="module")

@@ -174,18 +174,19 @@ def test_tile_geometries_for_engine_profiles():
     components = {s.name: {"spec": s.to_dict()} for s in (vae_encoder_spec(), unet_spec(), vae_decoder_spec(),
                                                            degradation_spec())}
     manifest = {"processing": PISA.to_dict(), "tiling": tiling_section(TilingSettings()), "components": components}
-    # PiSA at min_lr_side 32 (process size 128): denoiser sides never go below 128 px; the VAE's
-    # coarse statistics pass goes down to 8 latent pixels (64 px)
-    assert tile_geometries(manifest, "unet") == (Geometry(1, 128, 128), Geometry(2, 768, 768), Geometry(2, 768, 768))
+    # PiSA at min_lr_side 32 (process size 128): sides never go below 128 px, but the coarse
+    # statistics passes of the VAE and the UNet go down to 8 latent pixels (64 px)
+    assert tile_geometries(manifest, "unet") == (Geometry(1, 64, 64), Geometry(2, 768, 768), Geometry(2, 768, 768))
     assert tile_geometries(manifest, "vae_decoder") == (Geometry(1, 64, 64), Geometry(1, 1024, 1024),
                                                         Geometry(1, 1024, 1024))
     assert tile_geometries(manifest) == (Geometry(1, 64, 64), Geometry(2, 768, 768), Geometry(2, 1024, 1024))
     # upstream's process size 512: the even plan's shortest denoiser tile, (96 + 8) / 2 latent
-    # rounded up to 8, is 448 px; per-tile VAE statistics need no coarse shapes
+    # rounded up to 8, is 448 px; per-tile statistics need no coarse shapes
     at_512 = dict(PISA.to_dict(), min_lr_side=128)
-    assert tile_geometries({"processing": at_512, "tiling": manifest["tiling"], "components": components},
+    per_tile_unet = tiling_section(TilingSettings(unet_norm="per-tile"))
+    assert tile_geometries({"processing": at_512, "tiling": per_tile_unet, "components": components},
                            "unet")[0] == Geometry(1, 448, 448)
-    fixed = tiling_section(TilingSettings(tile=512, overlap=128, plan="fixed", vae_norm="per-tile"))
+    fixed = tiling_section(TilingSettings(tile=512, overlap=128, plan="fixed", vae_norm="per-tile", unet_norm="per-tile"))
     # fixed plan: int(128 / h * h) = 127 for h in (49, 98, 103, 107) gives the 504 px sides
     assert tile_geometries({"processing": at_512, "tiling": fixed, "components": components},
                            "unet")[0] == Geometry(1, 504, 504)
@@ -281,7 +282,7 @@ def test_tiled_pipeline_equals_whole_for_local_networks(lr_h, lr_w, s3diff, pad)
     whole-image runs agree for any size: the grids, per-image scores, region pre-processing,
     blending and in-place post-processing are right."""
     processing = S3DIFF if s3diff else PISA
-    tiling = TilingSettings(tile=64, overlap=16, batch=3, vae_tile=128, vae_overlap=32, pad=pad, vae_norm="per-tile")
+    tiling = TilingSettings(tile=64, overlap=16, batch=3, vae_tile=128, vae_overlap=32, pad=pad, vae_norm="per-tile", unet_norm="per-tile")
     pipeline = _standin_pipeline(processing, tiling)
     lr = torch.rand(1, 3, lr_h, lr_w, generator=torch.Generator().manual_seed(lr_h * 7 + lr_w))
     tiled = pipeline.run_stages(lr)
@@ -293,7 +294,7 @@ def test_tiled_pipeline_equals_whole_for_local_networks(lr_h, lr_w, s3diff, pad)
 
 def test_untiled_runs_above_the_limit_are_refused():
     pipeline = _standin_pipeline(PISA, TilingSettings(tile=64, overlap=16, vae_tile=128, vae_overlap=32,
-                                                      untiled_max_megapixels=0.05, vae_norm="per-tile"))
+                                                      untiled_max_megapixels=0.05, vae_norm="per-tile", unet_norm="per-tile"))
     assert pipeline.will_tile(64, 64)  # 256x256 = 0.066 MP: tiled by default...
     with pytest.raises(UserError, match="--untiled-max-mp"):
         pipeline.run_stages(torch.rand(1, 3, 64, 64), tiled=False)  # ...refused whole
@@ -313,7 +314,7 @@ def artifact_and_reference(demo_artifact):
     return art, reference_for(art)
 
 
-SMALL_TILES = TilingSettings(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16, vae_norm="per-tile")
+SMALL_TILES = TilingSettings(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16, vae_norm="per-tile", unet_norm="per-tile")
 
 
 def _pipeline(art, tiling: TilingSettings, backend="ort", reference=None) -> SRPipeline:
@@ -328,7 +329,7 @@ def _pipeline(art, tiling: TilingSettings, backend="ort", reference=None) -> SRP
 def test_demo_artifact_records_default_tiling(artifact_and_reference):
     art, _ = artifact_and_reference
     # the demo fixture is built with --vae-norm per-tile; the rest is the default geometry and plan
-    assert TilingSettings.from_manifest(art.manifest["tiling"]) == TilingSettings(vae_norm="per-tile")
+    assert TilingSettings.from_manifest(art.manifest["tiling"]) == TilingSettings(vae_norm="per-tile", unet_norm="per-tile")
     assert "Whole-image runs" in art.manifest["tiling"]["description"]
 
 
@@ -347,7 +348,7 @@ def test_tiled_onnx_equals_tiled_reference_and_reports_tiling_error(artifact_and
 
 def test_tiled_batches_of_1_and_4_are_identical(artifact_and_reference, small_lr):
     art, _ = artifact_and_reference
-    one = _pipeline(art, TilingSettings(tile=64, overlap=16, batch=1, vae_tile=64, vae_overlap=16, vae_norm="per-tile"))
+    one = _pipeline(art, TilingSettings(tile=64, overlap=16, batch=1, vae_tile=64, vae_overlap=16, vae_norm="per-tile", unet_norm="per-tile"))
     four = _pipeline(art, SMALL_TILES)
     seen = []
     four.progress = lambda stage, done, total: seen.append((stage, done, total))
@@ -357,7 +358,7 @@ def test_tiled_batches_of_1_and_4_are_identical(artifact_and_reference, small_lr
 
 def test_tile_covering_the_image_equals_untiled_exactly(artifact_and_reference, small_lr):
     art, _ = artifact_and_reference
-    pipeline = _pipeline(art, TilingSettings(tile=192, overlap=64, vae_tile=192, vae_overlap=64, vae_norm="per-tile"))
+    pipeline = _pipeline(art, TilingSettings(tile=192, overlap=64, vae_tile=192, vae_overlap=64, vae_norm="per-tile", unet_norm="per-tile"))
     assert not pipeline.will_tile(*small_lr.shape[-2:])  # 128x168 px within one 192 px tile
     assert torch.equal(pipeline(small_lr), pipeline.run_stages(small_lr, tiled=False).tensors["output"])
 
@@ -395,7 +396,7 @@ def test_s3diff_tiles_share_the_whole_image_scores(tmp_path):
     checkpoint, de_net = write_demo_checkpoints(tmp_path, seed=0)
     ref = S3DiffReference(build_base("demo", seed=0), load_s3diff_checkpoint(checkpoint), load_de_net(de_net))
     specs = s3diff_specs(S3DiffSettings())
-    tiling = TilingSettings(tile=64, overlap=0, batch=3, vae_tile=64, vae_overlap=0, vae_norm="per-tile")  # two tiles
+    tiling = TilingSettings(tile=64, overlap=0, batch=3, vae_tile=64, vae_overlap=0, vae_norm="per-tile", unet_norm="per-tile")  # two tiles
     manifest = {"processing": ref.processing.to_dict(), "denoise": ref.denoise_plan(), "tiling": tiling_section(tiling)}
     modules = ref.components()
     pipeline = SRPipeline(manifest, {n: TorchRunner(modules[n], specs[n]) for n in specs})

@@ -30,7 +30,8 @@ from srexport.parity import compare
 from srexport.runtime.pipeline import SRPipeline
 from srexport.runtime.tiling import TilingSettings, tile_geometries, tiling_section
 
-SMALL_TILES = dict(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16, plan="fixed")
+# the VAE's statistics methods on their own: the UNet's tiles keep their own statistics
+SMALL_TILES = dict(tile=64, overlap=16, batch=4, vae_tile=64, vae_overlap=16, plan="fixed", unet_norm="per-tile")
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +258,25 @@ def test_coarse_onnx_equals_the_coarse_reference_and_beats_per_tile(art_and_ref)
     assert gain > 2, (coarse.tiled_vs_whole.describe(), per_tile.tiled_vs_whole.describe())
 
 
+def test_coarse_unet_statistics_onnx_equal_the_reference_and_beat_per_tile(art_and_ref):
+    """The UNet's coarse statistics: its stats graph over the latent averaged over 3x3 (8x8 latent
+    pixels here), pooled, then every UNet tile normalised with them. ONNX equals the tiled PyTorch
+    reference of the same plan, and the UNet's share of the tiling error shrinks."""
+    from srexport.checking import check_image
+    from srexport.samples import sample_image
+
+    art, ref = art_and_ref
+    lr = sample_image()  # 256x256 px: a 32x32 latent in 64 px (8 latent) UNet tiles; coarse 8x8
+    tiles = dict(tile=64, overlap=16, batch=4, vae_tile=256, vae_overlap=64, plan="even", vae_norm="per-tile")
+    coarse = check_image(_pipeline(art, **tiles, unet_norm="coarse"), ref, lr, "coarse")
+    per_tile = check_image(_pipeline(art, **tiles, unet_norm="per-tile"), ref, lr, "per-tile")
+    assert coarse.tiles["denoise stats"] == 1 and "denoise stats" not in per_tile.tiles
+    assert coarse.tiled.psnr_db >= 50, coarse.tiled.describe()
+    gain = coarse.tiled_vs_whole.psnr_db - per_tile.tiled_vs_whole.psnr_db
+    assert gain > 1, (coarse.tiled_vs_whole.describe(), per_tile.tiled_vs_whole.describe())
+    assert set(art.components) >= {"unet_stats", "unet_pooled"}  # the default build holds them
+
+
 def test_coarse_statistics_input_is_the_average_of_the_input(art_and_ref):
     """The runtime reads the encoder's coarse input in bands; it equals avg_pool2d of the whole
     encoder input (what the reference computes), cropped to whole latent pixels."""
@@ -277,8 +297,10 @@ def test_coarse_statistics_input_is_the_average_of_the_input(art_and_ref):
     assert stage.coarse_size(64, 64 * 3 * 8 - 1) is None  # a side under 8 latent pixels: no coarse input
 
 
-@pytest.mark.parametrize("norm, lr_size", [("two-pass", (16, 28)), ("coarse", (48, 48))])
-def test_s3diff_two_pass_tiles_match_the_reference(tmp_path, norm, lr_size):
+@pytest.mark.parametrize("norm, unet_norm, lr_size", [("two-pass", "per-tile", (16, 28)),
+                                                      ("coarse", "per-tile", (48, 48)),
+                                                      ("per-tile", "coarse", (48, 48))])
+def test_s3diff_two_pass_tiles_match_the_reference(tmp_path, norm, unet_norm, lr_size):
     """The scores-modulated S3Diff encoder through its two-pass graphs (torch backend), with
     the whole image's scores, equals the tiled reference of the same statistics method
     (two-pass; coarse on an image whose third is still 8 latent pixels a side)."""
@@ -295,18 +317,20 @@ def test_s3diff_two_pass_tiles_match_the_reference(tmp_path, norm, lr_size):
     modules = graph_modules(ref)
     specs = s3diff_specs(S3DiffSettings())
     specs.update(two_pass_specs(specs, modules))
+    specs.update(two_pass_specs(specs, modules, plains=["unet"]))
     assert specs["vae_encoder_pooled"].input_names == ["image", "scores", "encoder_norm_stats"]
-    tiling = TilingSettings(tile=64, overlap=0, batch=3, vae_tile=64, vae_overlap=0, vae_norm=norm)
+    assert specs["unet_pooled"].input_names == ["latent", "scores", "unet_norm_stats"]
+    tiling = TilingSettings(tile=64, overlap=0, batch=3, vae_tile=64, vae_overlap=0, vae_norm=norm, unet_norm=unet_norm)
     manifest = {"processing": ref.processing.to_dict(), "denoise": ref.denoise_plan(),
                 "tiling": tiling_section(tiling), "components": {n: {} for n in specs}}
     pipeline = SRPipeline(manifest, {n: TorchRunner(modules[n], specs[n]) for n in specs})
     lr = torch.rand(1, 3, *lr_size, generator=torch.Generator().manual_seed(5))
-    if norm == "coarse":  # 192x192 px: the coarse pass runs on 64x64 px and 8x8 latent pixels
+    if "coarse" in (norm, unet_norm):  # 192x192 px: the coarse pass runs on 64x64 px and 8x8 latent pixels
         stages = tiling.stages()
         assert stages["encode"].coarse_size(192, 192) == (3, 64, 64)
-        assert stages["decode"].coarse_size(24, 24) == (3, 8, 8)
+        assert stages["decode"].coarse_size(24, 24) == (3, 8, 8) == stages["denoise"].coarse_size(24, 24)
     expected = TiledReference(ref, tiling)(lr)
-    per_tile = TiledReference(ref, dataclasses.replace(tiling, vae_norm="per-tile"))(lr)
+    per_tile = TiledReference(ref, dataclasses.replace(tiling, vae_norm="per-tile", unet_norm="per-tile"))(lr)
     out = pipeline(lr)
     assert compare(out, expected, 1.0).psnr_db > 90
     assert compare(out, per_tile, 1.0).psnr_db < 80  # the shared statistics changed something
@@ -327,6 +351,10 @@ def test_cli_run_chooses_the_method_and_refuses_two_pass_without_its_graphs(demo
     err = capsys.readouterr().err
     assert "no two-pass VAE graphs" in err and "--vae-norm two-pass" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+    assert main(["run", str(demo_artifact), str(tmp_path / "in.png"), "-o", str(out), "--unet-norm", "coarse"]) == 2
+    err = capsys.readouterr().err
+    assert "no UNet statistics graphs (unet_stats, unet_pooled)" in err and "--unet-norm coarse" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
     for method in ("two-pass", "per-tile"):
         assert main(["run", str(two_pass_artifact), str(tmp_path / "in.png"), "-o", str(tmp_path / f"{method}.png"),
                      "--vae-norm", method]) == 0

@@ -41,7 +41,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "build", help="export a model into an artifact folder (ONNX graphs + manifest.json)",
         description=(
             "Export a model to an artifact folder: ONNX graphs for vae_encoder, the UNet and vae_decoder (with "
-            "--vae-norm two-pass also the VAE's two-pass graphs; S3Diff also its degradation estimator), and a "
+            "the default coarse statistics, or two-pass, also the VAE's and the UNet's statistics and pooled "
+            "graphs; S3Diff also its degradation estimator), and a "
             "manifest.json with specs, constants, checks and sha256 of every file. Every graph is checked against "
             "its PyTorch module and the whole ONNX pipeline against the PyTorch reference before the folder is "
             "written (atomically). With no --base/--checkpoint the built-in demo is built: for pisa-sr a tiny "
@@ -129,7 +130,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         "set at build; 2.1 MP unless changed there)")
     r.add_argument("--vae-norm", choices=list(ts.VAE_NORMS), default=None,
                    help="GroupNorm statistics of tiled VAE runs (default: the artifact's, set at build). two-pass "
-                        "needs an artifact built with --vae-norm two-pass; per-tile runs on any artifact")
+                        "and coarse need an artifact with the VAE's two-pass graphs; per-tile runs on any artifact")
+    r.add_argument("--unet-norm", choices=list(ts.UNET_NORMS), default=None,
+                   help="GroupNorm statistics of tiled UNet runs (default: the artifact's, set at build). coarse "
+                        "needs an artifact built with it; per-tile runs on any artifact")
     r.add_argument("--tile-plan", choices=list(ts.TILE_PLAN_NAMES), default=None,
                    help="tile layout (default: the artifact's, set at build); for comparison on onnxruntime and "
                         "torch: TensorRT engines are profiled for the artifact's own")
@@ -277,6 +281,10 @@ def _add_tiling_options(p: argparse.ArgumentParser) -> None:
                         + ". two-pass and coarse add the graphs vae_encoder_stats, "
                         "vae_encoder_pooled, vae_decoder_stats and vae_decoder_pooled. " + ts.VAE_NORM_REASONING
                         + f" (default: {ts.DEFAULT_VAE_NORM})")
+    g.add_argument("--unet-norm", choices=list(ts.UNET_NORMS), default=ts.DEFAULT_UNET_NORM,
+                   help="GroupNorm statistics of tiled UNet runs. " + "; ".join(f"{k}: {v}" for k, v in
+                                                                                ts.UNET_NORMS.items())
+                        + ". " + ts.UNET_NORM_REASONING + f" (default: {ts.DEFAULT_UNET_NORM})")
     g.add_argument("--tile-plan", choices=list(ts.TILE_PLAN_NAMES), default=ts.DEFAULT_TILE_PLAN,
                    help="how tiles are laid out: " + "; ".join(f"{k}: {v}" for k, v in ts.TILE_PLANS.items())
                         + f" (default: {ts.DEFAULT_TILE_PLAN})")
@@ -293,7 +301,8 @@ def _tiling_settings(args):
     from .artifact.tile_settings import TilingSettings
 
     return TilingSettings(args.tile, args.tile_overlap, args.tile_batch, args.vae_tile, args.vae_tile_overlap,
-                          args.tile_pad, args.untiled_max_mp, args.vae_norm, args.tile_plan).validate()
+                          args.tile_pad, args.untiled_max_mp, args.vae_norm, args.tile_plan,
+                          args.unet_norm).validate()
 
 
 def _engine_options(args, tile_batch: int | None = None):
@@ -525,7 +534,7 @@ def _check_threads(value: int | None, flag: str) -> None:
 
 
 def _configure_tiling(pipeline, args) -> None:
-    """--no-tile, --untiled-max-mp, --vae-norm and --grey-output on a loaded pipeline."""
+    """--no-tile, --untiled-max-mp, --vae-norm, --unet-norm, --tile-plan and --grey-output on a loaded pipeline."""
     if args.untiled_max_mp is not None:
         if not args.untiled_max_mp > 0:
             raise UserError(f"--untiled-max-mp {args.untiled_max_mp} must be a positive number of megapixels")
@@ -534,6 +543,8 @@ def _configure_tiling(pipeline, args) -> None:
         pipeline.tiled = False
     if args.vae_norm is not None:
         pipeline.use_vae_norm(args.vae_norm)
+    if args.unet_norm is not None:
+        pipeline.use_unet_norm(args.unet_norm)
     if args.tile_plan is not None:
         pipeline.use_tile_plan(args.tile_plan)
     pipeline.grey_output = args.grey_output

@@ -208,6 +208,9 @@ def migrate(manifest: dict) -> dict:
     if isinstance(manifest.get("tiling"), dict) and "plan" not in manifest["tiling"]:
         # v2 artifacts from before --tile-plan: they were laid out by the fixed plan
         manifest = dict(manifest, tiling=dict(manifest["tiling"], plan="fixed"))
+    if isinstance(manifest.get("tiling"), dict) and "unet" not in manifest["tiling"]:
+        # before --unet-norm every UNet tile normalised with its own statistics
+        manifest = dict(manifest, tiling=dict(manifest["tiling"], unet={"norm": "per-tile"}))
     return manifest
 
 

@@ -42,8 +42,9 @@ def tile_geometries(manifest: dict, component: str | None = None) -> tuple[Geome
         to_px = 1 if name == "encode" else VAE_FACTOR  # output-resolution pixels
         side, planned = stage.tile * to_px, stage.smallest_planned_tile() * to_px
         low = min(planned, smallest_side)
-        if name != "denoise" and settings.vae_norm == "coarse":  # its statistics pass: the input at 1/k
-            low = min(low, 8 * VAE_FACTOR)  # the smallest coarse input: 8 latent pixels a side
+        coarse = settings.unet_norm if name == "denoise" else settings.vae_norm
+        if coarse == "coarse":  # its statistics pass: the input at 1/k, down to 8 latent pixels a side
+            low = min(low, 8 * VAE_FACTOR)
         shapes[name] = (side if settings.pad else low, side, stage.batch)
     low = min(s[0] for s in shapes.values())
     _, side, batch = shapes["denoise" if "denoise" in shapes else names[0]]
@@ -128,12 +129,12 @@ class StageTiling:
         this size: averaged over factor x factor pixels (tile_settings.COARSE_FACTOR) and cropped to
         whole latent pixels; None where a side would be under 8 latent pixels (the statistics pass
         then runs on the input itself)."""
-        k = COARSE_FACTOR
-        h, w = height // k // self.down * self.down, width // k // self.down * self.down
+        k, multiple = COARSE_FACTOR, self.unit_for_plan  # whole latent pixels; the UNet's 8
+        h, w = height // k // multiple * multiple, width // k // multiple * multiple
         return (k, h, w) if min(h, w) >= 8 * self.down else None
 
     def statistics_grid(self, height: int, width: int, norm: str) -> "TileGrid":
-        """The grid a two-pass (``norm`` "two-pass": this stage's own) or coarse VAE stage runs its
+        """The grid a two-pass (``norm`` "two-pass": this stage's own) or coarse stage runs its
         statistics graph over, on an input of ``height`` x ``width`` (its coarse size for
         "coarse")."""
         if norm == "coarse":

@@ -43,6 +43,20 @@ TWO_PASS_NORMS = ("two-pass", "coarse")
 # VAE decode 38.7 dB vs 37.6 at 3) but adds 1/4 of the VAE work instead of 1/9
 COARSE_FACTOR = 3
 DEFAULT_VAE_NORM = "coarse"
+# The denoiser's GroupNorm statistics (``--unet-norm``): its UNet graphs' own tiles, or the coarse
+# norm's estimate (the latent averaged over 3x3, one statistics pass through each UNet graph)
+UNET_NORMS = {
+    "per-tile": "each UNet tile normalises with its own GroupNorm statistics; one pass",
+    "coarse": "a statistics pass of each UNet graph over the latent averaged over 3x3 pixels (1/9 more UNet "
+              "work), then every tile normalises with those statistics; adds the graphs <unet>_stats and "
+              "<unet>_pooled",
+}
+DEFAULT_UNET_NORM = "coarse"
+UNET_NORM_REASONING = (
+    "On the trained demo at 1536 px, the UNet's tiles (576 px, 64 px overlap) give a denoised latent 34.1 dB "
+    "from the untiled one per-tile, 39.3 dB with the whole image's own statistics, and 40.5 / 41.2 dB with "
+    "coarse statistics at 1/2 / 1/3."
+)
 # How a stage's grid is laid out along each axis (``--tile-plan``; artifact.tile_plan lays them out).
 TILE_PLANS = {
     "fixed": "tiles of the full tile size on a stride of tile - overlap from 0, the last one pushed back "
@@ -64,9 +78,9 @@ REASONING = (
     "Denoiser tiles of at most 768 px (96 latent, upstream's size) with 64 px (8 latent) overlap, VAE tiles of "
     "at most 1024 px with 48 px overlap, laid out by the even plan: per axis the fewest tiles that keep the "
     "overlap, spread evenly and as short as that allows (a 1536 px side: 3 denoiser tiles of 576 px, 2 VAE "
-    "tiles of 792 px). With the coarse VAE statistics pass, the tiled run computes 1.05-1.24x an untiled pass "
-    "at SD 2.1's work per pixel for outputs of 1024 to 8192 px (the fixed plan at 512/128 and 1024/256 px: "
-    "1.2-2.1x). Overlaps by measurement (trained demo, 1536 px): with only the denoiser tiled the output is "
+    "tiles of 792 px). With the coarse statistics passes of the VAE and the UNet, the tiled run computes "
+    "1.07-1.28x an untiled pass at SD 2.1's work per pixel for outputs of 1024 to 8192 px (1.05-1.25x without "
+    "the UNet's; the fixed plan at 512/128 and 1024/256 px: 1.2-2.1x). Overlaps by measurement (trained demo, 1536 px): with only the denoiser tiled the output is "
     "33.4 / 32.5 / 32.5 / 32.9 dB from the untiled one at 0 / 32 / 64 / 128 px: its error is the UNet's "
     "per-tile GroupNorm statistics and attention, not the blend, so a small overlap loses nothing and larger "
     "tiles (fewer borders) gain; the VAE decode with coarse statistics is 37.6 / 38.1 / 39.0 dB at 64 / 128 / "
@@ -93,6 +107,7 @@ class TilingSettings:
     untiled_max_megapixels: float = DEFAULT_UNTILED_MAX_MEGAPIXELS
     vae_norm: str = DEFAULT_VAE_NORM  # a VAE_NORMS key
     plan: str = DEFAULT_TILE_PLAN  # how tiles are laid out (artifact.tile_plan.TILE_PLANS)
+    unet_norm: str = DEFAULT_UNET_NORM  # a UNET_NORMS key
 
     def validate(self) -> "TilingSettings":
         for flag, tile, overlap in (("--tile", self.tile, self.overlap),
@@ -112,6 +127,8 @@ class TilingSettings:
             raise UserError(f"--tile-batch {self.batch} is out of range; use 1 to 256")
         if self.vae_norm not in VAE_NORMS:
             raise UserError(f"--vae-norm {self.vae_norm!r} is not one of {', '.join(VAE_NORMS)}")
+        if self.unet_norm not in UNET_NORMS:
+            raise UserError(f"--unet-norm {self.unet_norm!r} is not one of {', '.join(UNET_NORMS)}")
         if self.plan not in TILE_PLAN_NAMES:
             raise UserError(f"--tile-plan {self.plan!r} is not one of {', '.join(TILE_PLAN_NAMES)}")
         if not self.untiled_max_megapixels > 0:
@@ -154,6 +171,7 @@ class TilingSettings:
                 "norm": self.vae_norm,
             },
             "blend": {"weights": "gaussian", "variance": GAUSSIAN_VARIANCE},
+            "unet": {"norm": self.unet_norm},
             "pad": self.pad,
             "plan": self.plan,
             "untiled_max_megapixels": self.untiled_max_megapixels,
@@ -172,7 +190,8 @@ class TilingSettings:
             "out = sum(w * tile) / sum(w); the denoiser blends z0 (equal to blending eps: the denoise plan is "
             "affine per pixel). Inputs with a batch dim and no spatial dim (S3Diff scores) come from the whole "
             "image once and are repeated over each tile batch. VAE GroupNorm statistics: "
-            + VAE_NORMS[self.vae_norm] + ". " + REASONING + " " + VAE_NORM_REASONING)
+            + VAE_NORMS[self.vae_norm] + ". UNet GroupNorm statistics: " + UNET_NORMS[self.unet_norm] + ". "
+            + REASONING + " " + VAE_NORM_REASONING + " " + UNET_NORM_REASONING)
 
     @classmethod
     def from_manifest(cls, section: dict) -> "TilingSettings":
@@ -182,13 +201,33 @@ class TilingSettings:
             tile=int(section["tile"]), overlap=int(section["overlap"]), batch=int(section["batch"]),
             vae_tile=int(vae["decoder"]["tile"]), vae_overlap=int(vae["decoder"]["overlap"]),
             pad=bool(section["pad"]), untiled_max_megapixels=float(section["untiled_max_megapixels"]),
-            vae_norm=vae["norm"], plan=section["plan"],
+            vae_norm=vae["norm"], plan=section["plan"], unet_norm=section["unet"]["norm"],
         )
 
 
 # plain VAE graph -> its two-pass graphs (first pass: statistics; second: pooled statistics)
 TWO_PASS_GRAPHS = {"vae_encoder": ("vae_encoder_stats", "vae_encoder_pooled"),
                    "vae_decoder": ("vae_decoder_stats", "vae_decoder_pooled")}
+# the same for the UNet graphs a denoise plan can name (merged guidance, exact guidance's two)
+UNET_TWO_PASS_GRAPHS = {plain: (f"{plain}_stats", f"{plain}_pooled") for plain in ("unet", "unet_pix", "unet_sem")}
+
+
+def check_unet_norm(manifest: dict, method: str) -> str:
+    """``method`` if the artifact can run it, else a one-line UserError with the fix."""
+    if method not in UNET_NORMS:
+        raise UserError(f"--unet-norm {method!r} is not one of {', '.join(UNET_NORMS)}")
+    if manifest.get("tiling") is None:
+        raise UserError("this artifact has no tiling section, so --unet-norm does not apply; rebuild it with this "
+                        "srexport")
+    if method == "coarse":
+        components = manifest.get("components", {})
+        terms = [t["component"] for t in manifest.get("denoise", {}).get("terms", [])]
+        missing = [g for plain in terms for g in UNET_TWO_PASS_GRAPHS.get(plain, (f"{plain}_stats",))
+                   if g not in components]
+        if missing:
+            raise UserError("this artifact has no UNet statistics graphs (" + ", ".join(missing) + "); rebuild it "
+                            "with 'srexport build ... --unet-norm coarse', or run with --unet-norm per-tile")
+    return method
 
 
 def check_vae_norm(manifest: dict, method: str) -> str:

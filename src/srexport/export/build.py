@@ -23,7 +23,7 @@ from ..parity import compare, worst as worst_of
 from ..samples import SAMPLE_NAME, sample_image
 from ..artifact.manifest import FORMAT_VERSION, Artifact, atomic_folder, load_artifact, write_manifest
 from .onnx_export import OPSET, data_file_name, export_onnx
-from ..artifact.tile_settings import TWO_PASS_NORMS, tiling_section
+from ..artifact.tile_settings import TWO_PASS_NORMS, TilingSettings, tiling_section
 from ..artifact.specs import ComponentSpec, Geometry
 
 # Shapes the graphs are traced and checked at. The trace shape has a latent
@@ -129,8 +129,12 @@ def write_artifact(recipe: Recipe, out: Path, force: bool, progress: Progress, p
 
     modules = graph_modules(recipe.reference)
     specs = dict(recipe.specs)
-    if tiling is not None and tiling.vae_norm in TWO_PASS_NORMS:  # the VAE's two-pass graphs besides the plain ones
+    tiling = (tiling or TilingSettings()).validate()  # the manifest's tiling section and its graphs agree
+    if tiling.vae_norm in TWO_PASS_NORMS:  # the VAE's two-pass graphs besides the plain ones
         specs.update(two_pass_specs(specs, modules))
+    if tiling.unet_norm == "coarse":  # the denoise plan's UNet graphs' statistics and pooled graphs
+        terms = [t["component"] for t in recipe.manifest["denoise"]["terms"]]
+        specs.update(two_pass_specs(specs, modules, plains=terms))
     with atomic_folder(out, force, note=progress.note) as tmp:
         progress(f"exporting {len(specs)} graphs to ONNX (opset {OPSET})")
         files, components = {}, {}

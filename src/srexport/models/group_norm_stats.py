@@ -35,19 +35,21 @@ import torch
 from torch import nn
 
 from ..artifact.specs import ComponentSpec, Geometry, TensorSpec
-from ..artifact.tile_settings import TWO_PASS_GRAPHS
+from ..artifact.tile_settings import TWO_PASS_GRAPHS, UNET_TWO_PASS_GRAPHS
 
-_PREFIX = {"vae_encoder": "encoder", "vae_decoder": "decoder"}  # of the statistics tensors' names
+# of the statistics tensors' names (encoder_tile_stats, unet_norm_stats, ...)
+_PREFIX = {"vae_encoder": "encoder", "vae_decoder": "decoder", **{p: p for p in UNET_TWO_PASS_GRAPHS}}
+_ALL_GRAPHS = {**TWO_PASS_GRAPHS, **UNET_TWO_PASS_GRAPHS}
 # plain component -> (its stats graph, its pooled graph, tensor prefix)
-TWO_PASS_OF = {plain: (*graphs, _PREFIX[plain]) for plain, graphs in TWO_PASS_GRAPHS.items()}
+TWO_PASS_OF = {plain: (*graphs, _PREFIX[plain]) for plain, graphs in _ALL_GRAPHS.items()}
 # two-pass component -> (the plain component it wraps, "stats" | "pooled")
-TWO_PASS_COMPONENTS = {graph: (plain, kind) for plain, graphs in TWO_PASS_GRAPHS.items()
+TWO_PASS_COMPONENTS = {graph: (plain, kind) for plain, graphs in _ALL_GRAPHS.items()
                        for graph, kind in zip(graphs, ("stats", "pooled"))}
 # Nodes the two-pass graphs compute in fp32 inside fp16/int8 graphs: what a GroupNorm's forward
 # makes (scoped by the module's name in diffusers' SD VAE: resnet norm1/norm2, attention group_norm,
 # conv_norm_out) and the statistics graph's top-level stacking of them. As for the plain graphs'
 # InstanceNormalization: sums of squares overflow fp16, and rounded statistics would shift every tile.
-_STATISTICS_NODE = re.compile(r"(/(norm1|norm2|group_norm|conv_norm_out)/[^/]+|^/[^/]+)$")
+_STATISTICS_NODE = re.compile(r"(/(norm|norm1|norm2|group_norm|conv_norm_out)/[^/]+|^/[^/]+)$")
 
 
 def tile_stats_name(plain: str) -> str:
@@ -107,23 +109,42 @@ def recording(module: nn.Module):
         yield recorded
 
 
+def per_sample(recorded: list[torch.Tensor], batch: int) -> torch.Tensor:
+    """``recording``'s list as (batch, L, G, 2). A network that runs its GroupNorms on c stacked
+    copies of its batch (S3Diff's guidance: [positive; negative] in one batch) has c statistics
+    per sample and call: kept apart, copy-major, as (batch, c * L, G, 2)."""
+    stacked = torch.stack(recorded, 1)
+    copies = stacked.shape[0] // batch
+    if copies == 1:
+        return stacked
+    return stacked.reshape(copies, batch, *stacked.shape[1:]).transpose(0, 1).reshape(
+        batch, copies * stacked.shape[1], *stacked.shape[2:])
+
+
 @contextlib.contextmanager
 def normalising_with(module: nn.Module, stats: torch.Tensor):
     """Every GroupNorm in ``module`` normalises with ``stats`` (batch, L, G, 2): the k-th call
-    uses ``stats[:, k]``. The number of calls must be L."""
-    calls = [0]
+    uses ``stats[:, k]``. The number of calls must be L. A GroupNorm that sees c stacked copies of
+    the batch takes each copy's statistics from ``per_sample``'s layout."""
+    calls, copies = [0], [1]
 
     def forward(norm, x):
         k = calls[0]
-        if k >= stats.shape[1]:
-            raise ValueError(f"statistics for {stats.shape[1]} GroupNorms, but the network calls more")
+        copies[0] = c = x.shape[0] // stats.shape[0]
+        length = stats.shape[1] // c
+        if k >= length:
+            raise ValueError(f"statistics for {length} GroupNorms, but the network calls more")
         calls[0] += 1
-        return _normalise(norm, x, stats[:, k, :, 0], stats[:, k, :, 1])
+        if c == 1:
+            return _normalise(norm, x, stats[:, k, :, 0], stats[:, k, :, 1])
+        chosen = stats[:, [j * length + k for j in range(c)]].transpose(0, 1).reshape(-1, *stats.shape[2:])
+        return _normalise(norm, x, chosen[..., 0], chosen[..., 1])
 
     with _patched(group_norms(module), forward):
         yield
-    if calls[0] != stats.shape[1]:
-        raise ValueError(f"statistics for {stats.shape[1]} GroupNorms, but the network called {calls[0]}")
+    if calls[0] * copies[0] != stats.shape[1]:
+        raise ValueError(f"statistics for {stats.shape[1] // copies[0]} GroupNorms, but the network called "
+                         f"{calls[0]}")
 
 
 class TileStats(nn.Module):
@@ -136,7 +157,7 @@ class TileStats(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         with recording(self.inner) as recorded:
             self.inner(*inputs)
-        return torch.stack(recorded, 1)
+        return per_sample(recorded, inputs[0].shape[0])
 
 
 class PooledNorm(nn.Module):
@@ -233,13 +254,18 @@ def count_norms(module: nn.Module, spec: ComponentSpec) -> tuple[int, int]:
     groups = {r.shape[1] for r in recorded}
     if not recorded or len(groups) != 1:
         raise ValueError(f"{spec.name}: two-pass needs GroupNorms with one group count; found {sorted(groups)}")
-    return len(recorded), groups.pop()
+    return per_sample(recorded, 1).shape[1], groups.pop()  # stacked copies of the batch count apart
 
 
-def two_pass_specs(specs: dict[str, ComponentSpec], modules: dict[str, nn.Module]) -> dict[str, ComponentSpec]:
-    """The four two-pass specs, from the plain VAE specs and modules."""
+def two_pass_specs(specs: dict[str, ComponentSpec], modules: dict[str, nn.Module],
+                   plains=tuple(TWO_PASS_GRAPHS)) -> dict[str, ComponentSpec]:
+    """The stats and pooled specs of each of ``plains`` (default: the two VAE halves) that
+    ``specs`` holds, from its plain spec and module."""
     out = {}
-    for plain, (stats_name, pooled_name, _) in TWO_PASS_OF.items():
+    for plain in plains:
+        if plain not in specs:
+            continue
+        stats_name, pooled_name, _ = TWO_PASS_OF[plain]
         spec = specs[plain]
         calls, groups = count_norms(modules[plain], spec)
         dims = ("batch", calls, groups, 2)
@@ -249,13 +275,13 @@ def two_pass_specs(specs: dict[str, ComponentSpec], modules: dict[str, nn.Module
         what = f"{calls} GroupNorms x {groups} groups x (mean, variance)"
         out[stats_name] = ComponentSpec(
             stats_name, spec.inputs, (tile_stats,),
-            f"two-pass tiled VAE, first pass: a tile -> its GroupNorm statistics ({what}), each GroupNorm "
+            f"tiled {plain}, statistics pass: a tile -> its GroupNorm statistics ({what}), each GroupNorm "
             f"normalising with the tile's own; {plain}'s computation up to its last GroupNorm",
             spec.size_multiple, stage=spec.stage)
         out[pooled_name] = ComponentSpec(
             pooled_name, (*spec.inputs, given), spec.outputs,
-            f"two-pass tiled VAE, second pass: {plain} with every GroupNorm normalising with the given "
-            f"statistics ({what}; the runtime pools the first pass's over all tiles of the image)",
+            f"tiled {plain}, second pass: {plain} with every GroupNorm normalising with the given statistics "
+            f"({what}; the runtime pools the statistics pass's over the tiles it ran)",
             spec.size_multiple, stage=spec.stage)
     return out
 

@@ -136,6 +136,10 @@ class PisaReference(nn.Module):
     def components(self) -> dict[str, nn.Module]:
         return {"vae_encoder": self.encoder, **dict(self.unets.items()), "vae_decoder": self.decoder}
 
+    def denoise_plan(self) -> dict:
+        """How the runtime combines the UNet graphs' outputs (as S3DiffReference.denoise_plan)."""
+        return self.settings.denoise_plan()
+
     # --- the reference pipeline ------------------------------------------------
 
     def preprocess(self, lr: torch.Tensor) -> Prepared:

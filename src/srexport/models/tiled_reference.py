@@ -18,12 +18,14 @@ tiled the same way where it is larger than a tile.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from ..artifact.specs import VAE_FACTOR
 from ..kernels.tiling import blend_tiles, extract_tiles, gaussian_weights
-from .group_norm_stats import normalising_with, pool_stats, recording
+from .group_norm_stats import normalising_with, per_sample, pool_stats, recording
 from ..processing import postprocess
 from ..artifact.tile_plan import StageTiling
 from ..artifact.tile_settings import TWO_PASS_NORMS, TilingSettings
@@ -71,13 +73,45 @@ class TiledReference:
         stages = self.settings.stages()
         modules = ref.components()
         env["latent"] = self._vae(per_tile(ref.encode), modules["vae_encoder"], env["image"], stages["encode"])
-        env["denoised"] = tiled_apply(per_tile(ref.denoise), env["latent"], stages["denoise"])
+        terms = [modules[t["component"]] for t in ref.denoise_plan()["terms"]]
+        env["denoised"] = self._denoise(per_tile(ref.denoise), terms, env["latent"], stages["denoise"])
         env["decoded"] = self._vae(ref.decode, modules["vae_decoder"], env["denoised"], stages["decode"])
         if tuple(env["decoded"].shape[-2:]) != (height, width) or height % VAE_FACTOR or width % VAE_FACTOR:
             # preprocess sizes the encoder input to a multiple of the VAE factor; the blend keeps it
             raise RuntimeError(f"tiled decode gave {tuple(env['decoded'].shape[-2:])} for an encoder input of "
                                f"{(height, width)}; both must be equal multiples of {VAE_FACTOR}")
         return env, prepared
+
+    def _denoise(self, fn, unets: list[torch.nn.Module], x: torch.Tensor, stage: StageTiling) -> torch.Tensor:
+        """``fn`` (the reference's denoise, whose GroupNorms are those of ``unets``, the denoise plan's
+        UNet graphs) tiled; with coarse UNet statistics, first each UNet's statistics of the latent
+        averaged over k x k pixels (tiled like the runtime's), pooled, then every tile normalised
+        with them."""
+        grid = stage.grid(*x.shape[-2:])
+        if self.settings.unet_norm != "coarse" or grid.count == 1:
+            return tiled_apply(fn, x, stage)
+        size = stage.coarse_size(*x.shape[-2:])
+        source = F.avg_pool2d(x[..., : size[1] * size[0], : size[2] * size[0]], size[0]) if size else x
+        recorded = [[] for _ in unets]
+
+        def record(tile):
+            with contextlib.ExitStack() as stack:
+                lists = [stack.enter_context(recording(m)) for m in unets]
+                out = fn(tile)
+            for into, stats in zip(recorded, lists):
+                into.append(per_sample(stats, tile.shape[0]))
+            return out
+
+        tiled_apply(record, source, stage)
+        pooled = [pool_stats(torch.cat(r)) for r in recorded]
+
+        def normalised(tile):
+            with contextlib.ExitStack() as stack:
+                for m, p in zip(unets, pooled):
+                    stack.enter_context(normalising_with(m, p.expand(tile.shape[0], *p.shape[1:])))
+                return fn(tile)
+
+        return tiled_apply(normalised, x, stage)
 
     def _vae(self, fn, module: torch.nn.Module, x: torch.Tensor, stage: StageTiling) -> torch.Tensor:
         """``fn`` (a VAE half, whose GroupNorms are ``module``'s) tiled; with two-pass GroupNorm,
@@ -90,7 +124,7 @@ class TiledReference:
         def record(tile):
             with recording(module) as stats:
                 out = fn(tile)
-            recorded.append(torch.stack(stats, 1))
+            recorded.append(per_sample(stats, tile.shape[0]))
             return out
 
         size = stage.coarse_size(*x.shape[-2:]) if self.settings.vae_norm == "coarse" else None

@@ -191,6 +191,7 @@ class SRPipeline:
         self.untiled_max_megapixels = self.tiling.untiled_max_megapixels if self.tiling else None
         if self.tiling is not None:
             self.use_vae_norm(self.tiling.vae_norm)
+            self.use_unet_norm(self.tiling.unet_norm)
         self.progress: tiling_.Progress | None = None  # (stage, tiles done, tiles in stage), e.g. a tqdm
         self.grey_output = "auto"  # GREY_OUTPUTS; a call's keyword overrides it
         self._lock = threading.Lock()
@@ -246,11 +247,29 @@ class SRPipeline:
         return self.tiling.vae_norm in TWO_PASS_NORMS and grid.count > 1
 
     def _statistics_grid(self, stage: tiling_.StageTiling, grid: tiling_.TileGrid) -> tiling_.TileGrid | None:
-        """The grid a VAE stage's statistics pass runs over (``StageTiling.statistics_grid``: its
-        own tiles for two-pass, its input at 1/k for coarse), or None (one pass)."""
-        if not self._two_pass(grid):
+        """The grid a stage's statistics pass runs over (``StageTiling.statistics_grid``: its own
+        tiles for two-pass, its input at 1/k for coarse), or None (one pass: per-tile statistics,
+        or one tile, whose own statistics are the image's)."""
+        norm = self.tiling.unet_norm if stage.name == "denoise" else self.tiling.vae_norm
+        if norm == "per-tile" or grid.count == 1:
             return None
-        return stage.statistics_grid(grid.height, grid.width, self.tiling.vae_norm)
+        return stage.statistics_grid(grid.height, grid.width, norm)
+
+    def use_unet_norm(self, method: str) -> None:
+        """The UNet's tiled GroupNorm statistics for later calls: "per-tile" (any artifact) or
+        "coarse" (an artifact with its UNet graphs' statistics graphs; a one-line UserError
+        otherwise)."""
+        import dataclasses
+
+        from ..artifact.tile_settings import UNET_TWO_PASS_GRAPHS, check_unet_norm
+
+        check_unet_norm(self.manifest, method)
+        terms = [t["component"] for t in self.denoise_plan["terms"]]
+        missing = [g for c in terms for g in UNET_TWO_PASS_GRAPHS[c] if g not in self.runners] if (
+            method == "coarse" and self.runners) else []
+        if missing:
+            raise ValueError(f"coarse UNet statistics need runners for {', '.join(missing)}")
+        self.tiling = dataclasses.replace(self.tiling, unet_norm=method)
 
     @property
     def backend(self) -> str:
@@ -271,12 +290,16 @@ class SRPipeline:
             return runner(tiling_.tile_feeds(runner.spec, tiled_input, env[tiled_input], env))
         return runner({name: env[name] for name in runner.spec.input_names})
 
-    def _denoise(self, env: dict[str, torch.Tensor], tiled: bool = False) -> torch.Tensor:
-        """The manifest's denoise plan: z0 = latent_weight * latent + sum(weight_i * z0_i)."""
+    def _denoise(self, env: dict[str, torch.Tensor], tiled: bool = False, pooled: bool = False) -> torch.Tensor:
+        """The manifest's denoise plan: z0 = latent_weight * latent + sum(weight_i * z0_i);
+        ``pooled``: each UNet graph's pooled graph, with the statistics in ``env``."""
+        from ..models.group_norm_stats import TWO_PASS_OF
+
         plan = self.denoise_plan
         denoised = plan["latent_weight"] * env["latent"] if plan["latent_weight"] else 0
         for term in plan["terms"]:
-            z0 = self._run(term["component"], env, "latent" if tiled else None)["denoised"]
+            component = TWO_PASS_OF[term["component"]][1] if pooled else term["component"]
+            z0 = self._run(component, env, "latent" if tiled else None)["denoised"]
             denoised = denoised + term["weight"] * z0
         return denoised
 
@@ -299,9 +322,10 @@ class SRPipeline:
         counts = {}
         stages = self.tiling.stages()
         for stage, grid in tiling_.plan_tiles(self.tiling, height, width).items():
-            statistics = self._statistics_grid(stages[stage], grid) if stage != "denoise" else None
-            if statistics is not None:
-                counts[tiling_.stats_label(stage)] = statistics.count
+            statistics = self._statistics_grid(stages[stage], grid)
+            if statistics is not None:  # the denoiser's: once per UNet graph of the plan
+                graphs = len(self.denoise_plan["terms"]) if stage == "denoise" else 1
+                counts[tiling_.stats_label(stage)] = statistics.count * graphs
             counts[stage] = grid.count
         return counts
 
@@ -314,7 +338,7 @@ class SRPipeline:
             return {}
         grids = tiling_.plan_tiles(self.tiling, height, width)
         stages = self.tiling.stages()
-        statistics = {s: self._statistics_grid(stages[s], g) for s, g in grids.items() if s != "denoise"}
+        statistics = {s: self._statistics_grid(stages[s], g) for s, g in grids.items()}
         ratios = tiling_.work_ratios(grids, {s: g for s, g in statistics.items() if g is not None})
         return {"stages": {s: {"tiles": g.count, "tile": [g.tile_h, g.tile_w], "area_ratio": round(ratios[s], 4)}
                            for s, g in grids.items()},
@@ -414,9 +438,10 @@ class SRPipeline:
             lambda k, h, w: source.coarse_model_input(k, h, w))
 
         stage, grid = stages["denoise"], grids["denoise"]
+        pooled = self._denoise_statistics(stage, grid, env, timer)
         env["denoised"] = tiling_.run_stage(
             stage, grid, tiling_.latent_reader(env["latent"], grid),
-            lambda tiles: self._denoise(dict(env, latent=tiles), tiled=True),
+            lambda tiles: self._denoise(dict(env, latent=tiles), tiled=True, pooled=pooled),
             tiling_.BlendCanvas(grid, stage, self._denoised_channels, lr.device), self.progress, timer)
 
         grid = grids["decode"]
@@ -429,6 +454,32 @@ class SRPipeline:
         timer.stop("postprocess")
         out.seconds, out.total_seconds = timer.seconds(), timer.total()
         return out
+
+    def _denoise_statistics(self, stage, grid, env: dict, timer) -> bool:
+        """Coarse UNet statistics: each UNet graph's stats graph over the latent averaged over k x k
+        (its grid: ``_statistics_grid``), pooled into env; False where the tiles use their own."""
+        from ..models.group_norm_stats import TWO_PASS_OF, StatsPool, norm_stats_name, tile_stats_name
+
+        statistics = self._statistics_grid(stage, grid)
+        if statistics is None:
+            return False
+        size = stage.coarse_size(grid.height, grid.width)
+        source = tiling_.coarse(env["latent"], *size) if size is not None else env["latent"]
+        terms = [t["component"] for t in self.denoise_plan["terms"]]
+        for i, plain in enumerate(terms):
+            stats_graph = TWO_PASS_OF[plain][0]
+
+            def compute(tiles, stats_graph=stats_graph, plain=plain):
+                return self._run(stats_graph, dict(env, latent=tiles), "latent")[tile_stats_name(plain)]
+
+            def progress(label, done, total, before=i * statistics.count):  # one count over every term
+                if self.progress is not None:
+                    self.progress(label, before + done, total * len(terms))
+
+            env[norm_stats_name(plain)] = tiling_.run_stage(
+                stage, statistics, tiling_.latent_reader(source, statistics), compute, StatsPool(), progress,
+                timer, None, label=tiling_.stats_label(stage.name)).to(env["lr_image"].device)
+        return True
 
     def _vae_stage(self, plain: str, stage, grid, tiled_input: str, env: dict, timer,
                    read_stage, reader, coarse_input) -> torch.Tensor:
