@@ -212,37 +212,33 @@ TWO_PASS_GRAPHS = {"vae_encoder": ("vae_encoder_stats", "vae_encoder_pooled"),
 UNET_TWO_PASS_GRAPHS = {plain: (f"{plain}_stats", f"{plain}_pooled") for plain in ("unet", "unet_pix", "unet_sem")}
 
 
+def _check_norm(manifest: dict, flag: str, method: str, norms: dict, graphs: list[str], what: str,
+                rebuild: str) -> str:
+    if method not in norms:
+        raise UserError(f"{flag} {method!r} is not one of {', '.join(norms)}")
+    if manifest.get("tiling") is None:
+        raise UserError(f"this artifact has no tiling section, so {flag} does not apply; rebuild it with this "
+                        "srexport")
+    missing = [g for g in graphs if g not in manifest.get("components", {})]
+    if missing:
+        raise UserError(f"this artifact has no {what} ({', '.join(missing)}); rebuild it with {rebuild}, or run "
+                        f"with {flag} per-tile")
+    return method
+
+
 def check_unet_norm(manifest: dict, method: str) -> str:
     """``method`` if the artifact can run it, else a one-line UserError with the fix."""
-    if method not in UNET_NORMS:
-        raise UserError(f"--unet-norm {method!r} is not one of {', '.join(UNET_NORMS)}")
-    if manifest.get("tiling") is None:
-        raise UserError("this artifact has no tiling section, so --unet-norm does not apply; rebuild it with this "
-                        "srexport")
-    if method == "coarse":
-        components = manifest.get("components", {})
-        terms = [t["component"] for t in manifest.get("denoise", {}).get("terms", [])]
-        missing = [g for plain in terms for g in UNET_TWO_PASS_GRAPHS.get(plain, (f"{plain}_stats",))
-                   if g not in components]
-        if missing:
-            raise UserError("this artifact has no UNet statistics graphs (" + ", ".join(missing) + "); rebuild it "
-                            "with 'srexport build ... --unet-norm coarse', or run with --unet-norm per-tile")
-    return method
+    terms = [t["component"] for t in manifest.get("denoise", {}).get("terms", [])]
+    graphs = [g for plain in terms for g in UNET_TWO_PASS_GRAPHS.get(plain, (f"{plain}_stats",))]
+    return _check_norm(manifest, "--unet-norm", method, UNET_NORMS, graphs if method == "coarse" else [],
+                       "UNet statistics graphs", "'srexport build ... --unet-norm coarse'")
 
 
 def check_vae_norm(manifest: dict, method: str) -> str:
     """``method`` if the artifact can run it, else a one-line UserError with the fix."""
-    if method not in VAE_NORMS:
-        raise UserError(f"--vae-norm {method!r} is not one of {', '.join(VAE_NORMS)}")
-    if manifest.get("tiling") is None:
-        raise UserError("this artifact has no tiling section, so --vae-norm does not apply; rebuild it with this "
-                        "srexport")
-    if method in TWO_PASS_NORMS:
-        missing = [g for graphs in TWO_PASS_GRAPHS.values() for g in graphs if g not in manifest.get("components", {})]
-        if missing:
-            raise UserError("this artifact has no two-pass VAE graphs (" + ", ".join(missing) + "); rebuild it "
-                            "with 'srexport build ... --vae-norm two-pass' (or coarse), or run with --vae-norm per-tile")
-    return method
+    graphs = [g for pair in TWO_PASS_GRAPHS.values() for g in pair]
+    return _check_norm(manifest, "--vae-norm", method, VAE_NORMS, graphs if method in TWO_PASS_NORMS else [],
+                       "two-pass VAE graphs", "'srexport build ... --vae-norm two-pass' (or coarse)")
 
 
 def tiling_section(settings: TilingSettings | None = None) -> dict:
