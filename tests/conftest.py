@@ -53,3 +53,23 @@ def small_lr():
     from srexport.samples import sample_image
 
     return sample_image()[..., 8:32, 4:36].contiguous()
+
+
+@pytest.fixture
+def retiled_demo(demo_artifact, tmp_path):
+    """``make(**settings)``: a copy of the demo artifact whose manifest records these tiling settings
+    (artifact.tile_settings.TilingSettings), for tests that need images to tile at small sizes."""
+    import json
+    import shutil
+
+    from srexport.artifact.tile_settings import TilingSettings, tiling_section
+
+    def make(**settings):
+        folder = tmp_path / "retiled"
+        shutil.copytree(demo_artifact, folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["tiling"] = tiling_section(TilingSettings(**settings))
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return folder
+
+    return make

@@ -8,8 +8,6 @@ rest run the session's fp32 demo artifact through onnxruntime at small sizes.
 from __future__ import annotations
 
 import ast
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -197,18 +195,13 @@ def test_rgb_output_is_unchanged_by_the_grey_rule(demo_artifact, small_lr, tmp_p
     assert np.abs(_rgb(auto)[..., 0] - _rgb(auto)[..., 1]).max() > 10  # colour stays colour
 
 
-def test_tiled_grey_input_gives_grey_output(demo_artifact, grey_lr, tmp_path):
+def test_tiled_grey_input_gives_grey_output(retiled_demo, grey_lr, tmp_path):
     """The rule holds where the output is made tile by tile (runtime/regions.finish_in_place)."""
     from srexport.kernels import resize
     from srexport.runtime.loading import load_pipeline
-    from srexport.runtime.tiling import TilingSettings, tiling_section
 
-    tiled = tmp_path / "tiled"
-    shutil.copytree(demo_artifact, tiled)
-    manifest = json.loads((tiled / "manifest.json").read_text())
-    manifest["tiling"] = tiling_section(TilingSettings(tile=128, overlap=32, batch=2, vae_tile=128, vae_overlap=32,
-                                                                      vae_norm="per-tile", unet_norm="per-tile"))
-    (tiled / "manifest.json").write_text(json.dumps(manifest))
+    tiled = retiled_demo(tile=128, overlap=32, batch=2, vae_tile=128, vae_overlap=32, vae_norm="per-tile",
+                         unet_norm="per-tile")
     pipeline = load_pipeline(tiled, "ort")
     lr = resize(grey_lr[1], (48, 48), "bicubic").clamp(0, 1)  # channels stay identical
     assert pipeline.will_tile(48, 48)

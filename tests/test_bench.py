@@ -129,19 +129,13 @@ def test_bench_fails_when_parity_bound_missed(demo_artifact, shared_reference, t
     assert report["baseline"] is None and report["results"][0]["speedup"] is None
 
 
-def test_bench_tiled_artifact_compares_with_the_tiled_reference(demo_artifact, shared_reference, tmp_path):
+def test_bench_tiled_artifact_compares_with_the_tiled_reference(demo_artifact, retiled_demo, shared_reference):
     """Where the pipelines tile, the oracle is the reference run the tiled way, and the cost sums every tile call."""
-    import shutil
 
     from srexport.bench import BenchConfig, run_bench
-    from srexport.runtime.tiling import TilingSettings, tiling_section
 
-    tiled = tmp_path / "tiled"
-    shutil.copytree(demo_artifact, tiled)
-    manifest = json.loads((tiled / "manifest.json").read_text())
-    manifest["tiling"] = tiling_section(TilingSettings(tile=128, overlap=32, batch=2, vae_tile=128, vae_overlap=32,
-                                                                      vae_norm="per-tile", unet_norm="per-tile"))
-    (tiled / "manifest.json").write_text(json.dumps(manifest))
+    tiled = retiled_demo(tile=128, overlap=32, batch=2, vae_tile=128, vae_overlap=32, vae_norm="per-tile",
+                         unet_norm="per-tile")
     report = run_bench(tiled, BenchConfig(backends=["ort"], sizes=[(48, 48)], iters=1, warmup=0, inputs=1,
                                           torch_threads=1), log=lambda message: None)
     size = report["sizes"][0]
