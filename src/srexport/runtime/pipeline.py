@@ -241,11 +241,6 @@ class SRPipeline:
                              "one is needed")
         return graphs[0]
 
-    def _two_pass(self, grid: tiling_.TileGrid) -> bool:
-        """Whether a VAE stage over ``grid`` runs two passes (one tile: the tile's own statistics
-        are the image's, and the plain graph computes exactly that)."""
-        return self.tiling.vae_norm in TWO_PASS_NORMS and grid.count > 1
-
     def _statistics_grid(self, stage: tiling_.StageTiling, grid: tiling_.TileGrid) -> tiling_.TileGrid | None:
         """The grid a stage's statistics pass runs over (``StageTiling.statistics_grid``: its own
         tiles for two-pass, its input at 1/k for coarse), or None (one pass: per-tile statistics,
