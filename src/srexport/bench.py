@@ -131,6 +131,7 @@ class BenchConfig:
     base: str | None = None  # reference sources, if they moved since the build
     checkpoint: str | None = None
     de_net: str | None = None
+    controls: object = None  # artifact.guidance.Controls: the guidance every variant and the reference run
 
     def validate(self) -> "BenchConfig":
         if (self.threads is not None and self.threads < 1) or (self.torch_threads is not None and self.torch_threads < 1):
@@ -385,6 +386,8 @@ def _run_bench(artifact_path, config: BenchConfig, log) -> dict:
     # (models.tiled_reference), so parity measures the backend, not what tiling changes.
     sizes = []
     planner = SRPipeline(artifact.manifest, {})
+    planner.use_controls(config.controls)  # a bad option is refused before any timing
+    resolved = planner.resolved
     for width, height in config.sizes:
         inputs = bench_inputs(width, height, config.inputs, config.seed)
         tiled = planner.will_tile(height, width)
@@ -396,7 +399,7 @@ def _run_bench(artifact_path, config: BenchConfig, log) -> dict:
         expected = []
         with _no_tf32():
             for lr in inputs:
-                expected.append(oracle(lr.to(device)).float().cpu())
+                expected.append(oracle(lr.to(device), resolved).float().cpu())
         sizes.append({"lr": (width, height), "inputs": inputs, "expected": expected, "tiled": tiled,
                       "tile_plan": planner.tile_plan(height, width) if tiled else {}})
         log(f"reference{' (tiled)' if tiled else ''}: {width}x{height} -> "
@@ -414,7 +417,8 @@ def _run_bench(artifact_path, config: BenchConfig, log) -> dict:
                    "torch_threads": torch.get_num_threads(),
                    "seed": config.seed, "timer": config.timer, "compile": config.compile,
                    "min_psnr": {v.precision: config.bound_for(v.precision) for v in variants},
-                   "max_abs": config.max_abs},
+                   "max_abs": config.max_abs,
+                   "guidance": {k: v for k, v in vars(resolved).items() if k != "plan" and v is not None}},
         "peaks": peaks,
         "reference": {"backend": "torch", "precision": "fp32", "device": device, "tf32": False},
         "baseline": next((v.name for v in variants if v.baseline), None),
@@ -425,6 +429,8 @@ def _run_bench(artifact_path, config: BenchConfig, log) -> dict:
     size_info: dict[tuple, dict] = {}
     for variant in variants:
         _load_variant(variant, artifact, artifact_path, reference, device, config, load_pipeline)
+        if variant.pipeline is not None:
+            variant.pipeline.use_controls(config.controls)
         if variant.status != "ok":
             log(f"{variant.name}: skipped ({variant.reason})")
             continue

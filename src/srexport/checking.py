@@ -94,13 +94,18 @@ def _tiles(pipeline: SRPipeline, lr: torch.Tensor) -> bool:
 
 def expected_for(pipeline: SRPipeline, reference, lr: torch.Tensor) -> Expected:
     """What the reference computes on ``lr`` for ``pipeline``'s components."""
-    env, prepared = reference.stage_tensors(lr)
+    env, prepared = reference.stage_tensors(lr, pipeline.resolved)
     modules = graph_modules(reference)
     specs = {c: r.spec for c, r in pipeline.runners.items()}
     add_whole_image_stats(env, modules, specs)
-    plan = pipeline.denoise_plan  # UNet graphs whose outputs it combines are not in env: run their modules
-    combined = {t["component"] for t in plan["terms"]} if (
-        plan.get("latent_weight") or len(plan["terms"]) != 1 or plan["terms"][0]["weight"] != 1) else set()
+    # env["denoised"] is a UNet graph's output only where the plan is that one graph, as it is
+    # (weight 1, no latent term); every other denoise graph's output is computed from its module
+    plan = pipeline.denoise_plan
+    terms = plan["terms"]
+    as_is = {terms[0]["component"]} if not plan.get("latent_weight") and len(terms) == 1 and (
+        terms[0]["weight"] == 1) else set()
+    combined = {c for c, spec in specs.items()
+                if spec.stage == "denoise" and TWO_PASS_COMPONENTS.get(c, (c,))[0] not in as_is}
     feeds, outputs = {}, {}
     for c, spec in specs.items():
         feeds[c] = {n: env[n] for n in spec.input_names}
@@ -159,6 +164,7 @@ def graphs_alone(pipeline: SRPipeline, reference, lr: torch.Tensor, expected: Ex
             plain = c
             swapped = _Replay(runner.spec, expected.feeds[c], {k: v.to(CPU) for k, v in actual[c].items()}, runner)
         one = SRPipeline(pipeline.manifest, {**replays, plain: swapped}, tiled=False)
+        one.resolved = pipeline.resolved
         one.untiled_max_megapixels = None  # the reference ran this image whole; so did each graph above
         out[c] = compare(one.run_stages(lr, tiled=False).tensors["output"], expected.output, peak_to_peak=1.0)
     return out
@@ -191,7 +197,7 @@ def check_image(pipeline: SRPipeline, reference, lr: torch.Tensor, name: str, ex
         from .models.tiled_reference import TiledReference
 
         note(f"{name}: fp32 PyTorch reference, tiled")
-        expected.tiled = TiledReference(reference, pipeline.tiling)(lr)
+        expected.tiled = TiledReference(reference, pipeline.tiling)(lr, pipeline.resolved)
     tiles = pipeline.tile_counts(*lr.shape[-2:])
     note(f"{name}: tiled run ({', '.join(f'{k} {v}' for k, v in tiles.items())} tiles)")
     tiled_actual = pipeline.run_stages(lr, tiled=True).tensors["output"].to(lr.device)

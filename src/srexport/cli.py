@@ -59,10 +59,12 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scale", type=int, default=4, help="upscale factor (default: 4; S3Diff is x4 only)")
     b.add_argument("--lambda-pix", type=float, default=None, help="pisa-sr: pixel-level guidance scale (default: 1)")
     b.add_argument("--lambda-sem", type=float, default=None, help="pisa-sr: semantic-level guidance scale (default: 1)")
-    b.add_argument("--guidance", choices=["merged", "exact"], default=None,
+    b.add_argument("--guidance", choices=["merged", "exact", "adjustable"], default=None,
                    help="pisa-sr: merged: one UNet graph with the LoRA deltas merged at the chosen scales (first order in "
                         "the deltas; exact at lambda_pix=1 for lambda_sem in {0,1}); exact: two UNet graphs "
-                        "combined with upstream's formula (default: merged)")
+                        "combined with upstream's formula, any scales per call; adjustable: one UNet graph keeping "
+                        "both LoRA sets as branches mixed per sample, so 'run' chooses the scales and the mode "
+                        "(merged, or exact as one batch of two) per call (default: merged)")
     b.add_argument("--degradation", default=None, metavar="dynamic|BLUR,NOISE",
                    help="s3diff: 'dynamic' estimates the degradation per image and keeps the LoRA in the graphs, "
                         "modulated by the scores; BLUR,NOISE (two numbers in [0,1]) merges the LoRA for that fixed "
@@ -144,6 +146,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "output, the result's BT.601 luma (0.299 R + 0.587 G + 0.114 B) in all three channels, "
                         "since the networks add colour casts to grey photos; color: keep the networks' colour "
                         "output (default: auto)")
+    _add_guidance_options(r)
 
     c = sub.add_parser("check", help="parity of an artifact against the PyTorch reference (per component, end to end)")
     c.add_argument("artifact", type=Path)
@@ -163,6 +166,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--compare-image", type=Path, metavar="FILE.png",
                    help="write one side-by-side picture with a row per checked image: bicubic | reference | backend | "
                         "amplified difference")
+    _add_guidance_options(c)
 
     bn = sub.add_parser(
         "bench", help="latency per stage against the PyTorch reference, with parity, as tables, JSON and a plot",
@@ -200,6 +204,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense peak rate (TFLOP/s)")
     bn.add_argument("--peak-gbps", type=float, default=None, help="override the GPU's memory bandwidth (GB/s)")
     bn.add_argument("--seed", type=int, default=0, help="seed of the LR inputs (default: 0)")
+    _add_guidance_options(bn)
     bn.add_argument("--json", type=Path, help="write the report as JSON (schema srexport.bench v1)")
     bn.add_argument("--plot", type=Path, metavar="FILE.png", help="write stacked per-stage bars and parity as PNG")
     bn.add_argument("--base", help="the base folder, if it moved since the build")
@@ -251,6 +256,30 @@ def _add_engine_options(p: argparse.ArgumentParser, tile_batch: bool = True) -> 
 
 
 # --- tiling options (artifact/tile_settings.py holds the defaults and their reasoning) --------------
+
+
+def _add_guidance_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "guidance", "Per-call guidance (default: the artifact's, set at build). PiSA-SR artifacts built with "
+                    "--guidance adjustable take any scales in either mode, exact ones any scales; merged ones only "
+                    "their own. S3Diff artifacts take a cfg scale where built with the negative pass, and given "
+                    "degradation scores where dynamic.")
+    g.add_argument("--lambda-pix", type=float, default=None, help="pisa-sr: pixel-level guidance scale")
+    g.add_argument("--lambda-sem", type=float, default=None, help="pisa-sr: semantic-level guidance scale")
+    g.add_argument("--guidance", choices=["merged", "exact"], default=None,
+                   help="pisa-sr: merged (one UNet pass) or exact (upstream's two passes, as one batch on an "
+                        "adjustable artifact)")
+    g.add_argument("--cfg-scale", type=float, default=None, help="s3diff: classifier-free guidance scale")
+    g.add_argument("--degradation", default=None, metavar="BLUR,NOISE",
+                   help="s3diff: degradation scores in [0,1] to use instead of the estimator's (dynamic artifacts)")
+
+
+def _controls(args):
+    """The guidance options of run, check and bench (``_add_guidance_options``)."""
+    from .artifact.guidance import Controls, parse_scores
+
+    return Controls(args.lambda_pix, args.lambda_sem, args.guidance, args.cfg_scale,
+                    parse_scores(args.degradation) if args.degradation is not None else None)
 
 
 def _add_tiling_options(p: argparse.ArgumentParser) -> None:
@@ -430,6 +459,7 @@ BUILDS = {"pisa-sr": _pisa_build, "s3diff": _s3diff_build}  # model kind -> (rec
 
 
 def cmd_run(args) -> int:
+    from .artifact.guidance import resolve
     from .artifact.manifest import check_writable_folder, read_manifest
     from .processing import Processing, check_input_size
     from .runtime.images import check_output_path, list_images, load_image, probe_image, same_file, save_image
@@ -469,6 +499,8 @@ def cmd_run(args) -> int:
     # Every input is probed (header only) before the models load: a bad file is reported at
     # once, and a folder run goes on with the good ones.
     manifest = read_manifest(args.artifact)
+    controls = _controls(args)
+    resolve(manifest, controls)  # a bad option is refused before any file is read
     processing = Processing.from_dict(manifest["processing"])
     if args.no_tile or args.untiled_max_mp is not None:
         from .runtime.tiling import check_untiled_inputs
@@ -496,6 +528,7 @@ def cmd_run(args) -> int:
     if good:
         pipeline = load_pipeline(args.artifact, backend=args.backend, threads=args.threads)
         _configure_tiling(pipeline, args)
+        pipeline.use_controls(controls)
         if folder_run:
             args.output.mkdir(parents=True, exist_ok=True)
         from tqdm import tqdm
@@ -550,6 +583,17 @@ def _configure_tiling(pipeline, args) -> None:
     pipeline.grey_output = args.grey_output
 
 
+def describe_controls(resolved, controls) -> str:
+    """``, lambda_pix=0.8, lambda_sem=0.5 (exact)`` for the options a command was given, else empty."""
+    if not controls.given():
+        return ""
+    if resolved.mode is not None:
+        return f", lambda_pix={resolved.lambda_pix:g}, lambda_sem={resolved.lambda_sem:g} ({resolved.mode})"
+    parts = [f"cfg_scale={resolved.cfg_scale:g}"] if controls.cfg_scale is not None else []
+    parts += [f"degradation={resolved.scores[0]:g},{resolved.scores[1]:g}"] if resolved.scores else []
+    return ", " + ", ".join(parts)
+
+
 def describe_tile_plan(plan: dict) -> str:
     """One line from ``SRPipeline.tile_plan``."""
     if not plan:
@@ -580,6 +624,7 @@ def cmd_check(args) -> int:
     from .samples import SAMPLE_NAME, sample_image
     from .calibration.precision import component_output_bounds
     from .checking import check_image, expected_for, failures
+    from .artifact.guidance import resolve
     from .artifact.manifest import load_artifact
     from .runtime.images import load_image
     from .runtime.loading import load_pipeline, reference_for
@@ -591,8 +636,10 @@ def cmd_check(args) -> int:
     if args.compare_image is not None and (args.compare_image.suffix.lower() != ".png"
                                            or not args.compare_image.absolute().parent.is_dir()):
         raise UserError(f"--compare-image {args.compare_image} must be a .png file in an existing folder")
-    images = [(p.name, load_image(p)) for p in args.images] or [(SAMPLE_NAME, sample_image())]
     artifact = load_artifact(args.artifact)
+    controls = _controls(args)
+    resolved = resolve(artifact.manifest, controls)  # before the images and the reference load
+    images = [(p.name, load_image(p)) for p in args.images] or [(SAMPLE_NAME, sample_image())]
     reference = reference_for(artifact, args.base, args.checkpoint, args.de_net)
     bounds = artifact.manifest["checks"]["bounds"]  # recorded at build, per precision
     precision = artifact.manifest["export"]["precision"]
@@ -606,7 +653,8 @@ def cmd_check(args) -> int:
         shown.append("output PSNR with each graph alone >= " + (
             f"{next(iter(alone.values())):g} dB" if len(set(alone.values())) == 1
             else ", ".join(f"{c} {b:g}" for c, b in alone.items()) + " dB"))
-    print(f"{artifact.folder}  {precision} graphs, backend={args.backend}  bounds: " + ", ".join(shown)
+    guidance = describe_controls(resolved, controls)
+    print(f"{artifact.folder}  {precision} graphs, backend={args.backend}{guidance}  bounds: " + ", ".join(shown)
           + f", end-to-end PSNR >= {min_psnr:g} dB (against the fp32 PyTorch reference)")
     start = time.perf_counter()
 
@@ -618,8 +666,11 @@ def cmd_check(args) -> int:
     # arenas, two ways at once: 24 GB on a 217x301 fp16 check, where run needs 7.7 GB).
     def artifact_pipeline() -> SRPipeline:
         if args.backend == "ort":
-            return SRPipeline(artifact.manifest, ort_runners(artifact, arena=False))
-        return load_pipeline(args.artifact, backend=args.backend, reference=reference)
+            pipeline = SRPipeline(artifact.manifest, ort_runners(artifact, arena=False))
+        else:
+            pipeline = load_pipeline(args.artifact, backend=args.backend, reference=reference)
+        pipeline.use_controls(controls)
+        return pipeline
 
     ways = {args.backend: artifact_pipeline}
     expected, reports, problems = {}, {}, []
@@ -633,8 +684,11 @@ def cmd_check(args) -> int:
             twin = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="srexport-fp16-")))
             note("writing the graphs' fp16-rounding twins")
             emulated_dir(artifact.folder, artifact.manifest, twin)
-            ways["ort, fp16 rounding"] = lambda: SRPipeline(artifact.manifest,
-                                                            ort_runners(Artifact(twin, artifact.manifest), arena=False))
+            def rounding_twin() -> SRPipeline:
+                pipeline = SRPipeline(artifact.manifest, ort_runners(Artifact(twin, artifact.manifest), arena=False))
+                pipeline.use_controls(controls)
+                return pipeline
+            ways["ort, fp16 rounding"] = rounding_twin
         for way, make in ways.items():
             note(f"{way}: loading the graphs")
             pipeline = make()
@@ -717,7 +771,7 @@ def cmd_bench(args) -> int:
         seed=args.seed, timer=args.timer, compile=not args.no_compile,
         min_psnr=parse_min_psnr(args.min_psnr) if args.min_psnr else {}, max_abs=args.max_abs, gpu=args.gpu,
         peak_tflops=args.peak_tflops, peak_gbps=args.peak_gbps, base=args.base, checkpoint=args.checkpoint,
-        de_net=args.de_net).validate()
+        de_net=args.de_net, controls=_controls(args)).validate()
     report = run_bench(args.artifact, config)
     print(format_report(report))
     if args.json:

@@ -211,6 +211,27 @@ def migrate(manifest: dict) -> dict:
     if isinstance(manifest.get("tiling"), dict) and "unet" not in manifest["tiling"]:
         # before --unet-norm every UNet tile normalised with its own statistics
         manifest = dict(manifest, tiling=dict(manifest["tiling"], unet={"norm": "per-tile"}))
+    return _add_guidance(manifest)
+
+
+def _add_guidance(manifest: dict) -> dict:
+    """Before per-call guidance: a PiSA-SR artifact ran the scales it was built with (an exact one
+    can take others: its plan is an affine combination); S3Diff's cfg was a constant in the graph."""
+    from .guidance import pisa_guidance_section
+
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    settings = model.get("settings") if isinstance(model.get("settings"), dict) else {}
+    guidance = manifest.get("guidance")
+    if model.get("kind") == "pisa-sr" and guidance is None and isinstance(manifest.get("denoise"), dict):
+        try:
+            unets = [t["component"] for t in manifest["denoise"]["terms"]]
+            section = pisa_guidance_section(settings.get("guidance", "merged"), settings.get("lambda_pix", 1.0),
+                                            settings.get("lambda_sem", 1.0), unets)
+        except (KeyError, TypeError):
+            return manifest  # a broken plan: validation names it
+        return dict(manifest, guidance=section)
+    if model.get("kind") == "s3diff" and isinstance(guidance, dict) and "cfg_input" not in guidance:
+        return dict(manifest, guidance=dict(guidance, cfg_input=None))
     return manifest
 
 
@@ -309,6 +330,10 @@ def validate_manifest(manifest: dict, where: str | Path = MANIFEST) -> None:
         if term["component"] not in components:
             raise UserError(f"{where}: field components.{term['component']} is missing (denoise.terms.{i} runs it); "
                             f"rebuild the artifact or restore its {MANIFEST}")
+    for name in manifest["guidance"].get("unets", []):
+        if name not in components:
+            raise UserError(f"{where}: field components.{name} is missing (guidance.unets names it); rebuild the "
+                            f"artifact or restore its {MANIFEST}")
     for name in ("vae_encoder", "vae_decoder"):
         if name not in components:
             raise UserError(f"{where}: field components.{name} is missing; rebuild the artifact or restore its "

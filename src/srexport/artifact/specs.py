@@ -192,6 +192,10 @@ DENOISED = TensorSpec("denoised", ("batch", LATENT_CHANNELS, "latent_height", "l
 DECODED = TensorSpec("decoded", ("batch", 3, "height", "width"), value_range=(-1.0, 1.0))
 LR_IMAGE = TensorSpec("lr_image", ("batch", 3, "lr_height", "lr_width"), value_range=(0.0, 1.0))
 SCORES = TensorSpec("scores", ("batch", 2), value_range=(0.0, 1.0))
+# PiSA-SR adjustable: each sample's (a, b) mixing its pix and sem LoRA sets (artifact/guidance.py)
+LORA_SCALES_INPUT = TensorSpec("lora_scales", ("batch", 2), value_range=(0.0, 1.5))
+# S3Diff: each image's classifier-free guidance scale, eps = neg + cfg * (pos - neg)
+CFG_SCALE_INPUT = TensorSpec("cfg_scale", ("batch", 1), value_range=(1.0, 1.2))
 
 
 def vae_encoder_spec(with_scores: bool = False) -> ComponentSpec:
@@ -204,8 +208,11 @@ def vae_encoder_spec(with_scores: bool = False) -> ComponentSpec:
     )
 
 
-def unet_spec(name: str = "unet", with_scores: bool = False, description: str = "") -> ComponentSpec:
-    inputs = (LATENT, SCORES) if with_scores else (LATENT,)
+def unet_spec(name: str = "unet", with_scores: bool = False, description: str = "", with_cfg: bool = False,
+              with_lora_scales: bool = False) -> ComponentSpec:
+    """latent[, scores][, cfg_scale][, lora_scales] -> denoised: the inputs in this order."""
+    inputs = (LATENT, *([SCORES] if with_scores else []), *([CFG_SCALE_INPUT] if with_cfg else []),
+              *([LORA_SCALES_INPUT] if with_lora_scales else []))
     return ComponentSpec(name, inputs, (DENOISED,), description or "latent -> denoised latent z0")
 
 

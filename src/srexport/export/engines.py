@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..artifact.guidance import LORA_SCALES, samples_per_image
 from ..artifact.manifest import load_artifact, read_manifest, sha256_of, write_manifest
 from ..artifact.compatibility import (  # noqa: F401  (engines' API: the rules live in the contract)
     ENGINES_COMMAND, TENSORRT_PACKAGE, Machine, check_engine_compatible, current_machine, engine_notes,
@@ -126,7 +127,8 @@ def engine_geometries(manifest: dict, components: dict[str, ComponentSpec], tile
     """component -> (smallest, typical, largest) geometry of its profile, and where the shapes came from.
 
     Tiled components get the tiles the tiled runtime calls them with, batch 1
-    to ``tile_batch`` (default: the artifact's tiling batch); components that
+    to ``tile_batch`` (default: the artifact's tiling batch; twice that for an adjustable
+    UNet, which runs exact guidance's two samples per tile as one batch); components that
     run once on the whole LR image (``ComponentSpec.whole_image``) span image sizes.
     """
     from ..runtime.tiling import tile_geometries  # the single source of the tile shapes
@@ -148,6 +150,8 @@ def engine_geometries(manifest: dict, components: dict[str, ComponentSpec], tile
                                           Geometry(4, side, side, scale), Geometry(4, 2 * side, 2 * side, scale))
             source = "no tiling section: whole images from 64 px to twice the process size per side"
         batch = tile_batch or largest.batch
+        if LORA_SCALES in spec.input_names:  # adjustable exact guidance: two samples per tile in one call
+            batch *= samples_per_image(manifest)
         out[name] = (dataclasses.replace(smallest, batch=1), dataclasses.replace(typical, batch=batch),
                      dataclasses.replace(largest, batch=batch))
     return out, source

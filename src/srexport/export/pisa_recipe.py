@@ -6,6 +6,7 @@ import copy
 import dataclasses
 
 from .. import __version__
+from ..artifact.guidance import Resolved, default_mode, pisa_guidance_section, pisa_plan
 from ..models.configs import VAE_SCALING_FACTOR
 from ..models.pisa_reference import PISA_TIMESTEP, PisaReference
 from ..parity import compare
@@ -19,6 +20,8 @@ _UNET_WEIGHTS = {
     "unet_pix": "W0 + dW_pix",
     "unet_sem": "W0 + dW_pix + dW_sem",
 }
+_ADJUSTABLE_UNET = ("latent, lora_scales (a, b) per sample -> z0 = latent - eps; every LoRA layer W0 x + a B_pix A_pix x "
+                    "+ b B_sem A_sem x (both sets as branches); timestep 1 and empty-prompt embedding folded in")
 
 
 # What processing.size_policy means for the output, in the manifest's words.
@@ -30,10 +33,15 @@ _SIZE_NOTES = {
 }
 
 
+def pisa_unets(settings) -> list[str]:
+    return ["unet_pix", "unet_sem"] if settings.guidance == "exact" else ["unet"]
+
+
 def pisa_specs(settings) -> dict[str, ComponentSpec]:
-    unets = ["unet"] if settings.guidance == "merged" else ["unet_pix", "unet_sem"]
     specs = {"vae_encoder": vae_encoder_spec()}
-    for name in unets:
+    if settings.guidance == "adjustable":
+        specs["unet"] = unet_spec("unet", description=_ADJUSTABLE_UNET, with_lora_scales=True)
+    for name in pisa_unets(settings) if settings.guidance != "adjustable" else []:
         specs[name] = unet_spec(name, description=f"latent -> z0 = latent - eps; UNet weights {_UNET_WEIGHTS[name]}; "
                                                    "timestep 1 and empty-prompt embedding folded in")
     specs["vae_decoder"] = vae_decoder_spec()
@@ -46,17 +54,21 @@ def prepare_pisa(source, loaded, settings, progress: Progress) -> Recipe:
     lr = sample_image()
 
     progress("measuring merged vs exact guidance on the sample image")
-    other = "exact" if settings.guidance == "merged" else "merged"
+    other = "exact" if default_mode(settings.guidance, settings.lambda_pix) == "merged" else "merged"
     other_out = None
     if other == "merged" and settings.lambda_pix == 0:
         progress.note("lambda_pix = 0 has no merged form; skipped")
+        reference = PisaReference(base, ckpt, settings)
+    elif settings.guidance == "adjustable":  # one UNet runs both: the other mode is a per-call plan
+        reference = PisaReference(base, ckpt, settings)
+        other_out = reference(lr, Resolved(pisa_plan("adjustable", other, settings.lambda_pix, settings.lambda_sem)))
     else:
         # the reference merges into the UNet it is given: the other mode gets a copy
         other_ref = PisaReference(dataclasses.replace(base, unet=copy.deepcopy(base.unet)), ckpt,
                                   dataclasses.replace(settings, guidance=other))
         other_out = other_ref(lr)
         del other_ref
-    reference = PisaReference(base, ckpt, settings)
+        reference = PisaReference(base, ckpt, settings)
     sample_output = reference(lr)
     checks = {}
     if other_out is not None:
@@ -74,7 +86,7 @@ def pisa_manifest(source, settings, reference, ranks: dict) -> dict:
         "description": (
             f"PiSA-SR x{settings.scale} ({settings.guidance} guidance, lambda_pix={settings.lambda_pix}, "
             f"lambda_sem={settings.lambda_sem}) exported by srexport {__version__}. Run: pre-process (processing), "
-            "vae_encoder, the denoise plan's UNet graphs, vae_decoder, post-process. The encoder returns the "
+            "vae_encoder, the denoise plan's UNet graphs (guidance: what a call may change), vae_decoder, post-process. The encoder returns the "
             "posterior mean, not a sample. " + _SIZE_NOTES[settings.size_policy] + demo_note
         ),
         "model": {
@@ -88,4 +100,6 @@ def pisa_manifest(source, settings, reference, ranks: dict) -> dict:
         "latent": {"encoder_output": "posterior mean (upstream samples)", "scaling_factor": VAE_SCALING_FACTOR,
                    "vae_factor": 8, "timestep": PISA_TIMESTEP, "prompt": ""},
         "denoise": settings.denoise_plan(),
+        "guidance": pisa_guidance_section(settings.guidance, settings.lambda_pix, settings.lambda_sem,
+                                          pisa_unets(settings)),
     }

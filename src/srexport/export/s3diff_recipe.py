@@ -23,11 +23,11 @@ from ..artifact.specs import ComponentSpec, degradation_spec, unet_spec, vae_dec
 def s3diff_specs(settings: S3DiffSettings) -> dict[str, ComponentSpec]:
     dynamic = settings.dynamic
     lora = "LoRA modulated by the scores input" if dynamic else f"LoRA merged for fixed scores {settings.degradation}"
-    guidance = ("positive and negative prompts as one batch of 2B, eps = neg + cfg * (pos - neg)"
+    guidance = ("positive and negative prompts as one batch of 2B, eps = neg + cfg * (pos - neg), cfg the per-image input cfg_scale"
                 if settings.cfg_scale != 1.0 else "positive prompt only (cfg 1.0)")
     specs = {"degradation": degradation_spec()} if dynamic else {}
     specs["vae_encoder"] = vae_encoder_spec(with_scores=dynamic)
-    specs["unet"] = unet_spec("unet", with_scores=dynamic, description=(
+    specs["unet"] = unet_spec("unet", with_scores=dynamic, with_cfg=settings.cfg_scale != 1.0, description=(
         f"latent -> z0: UNet at t=999 ({lora}; {guidance}), then one DDPM step x0 = (z - sqrt(1-a) eps) / sqrt(a)"))
     specs["vae_decoder"] = vae_decoder_spec()
     return specs
@@ -71,6 +71,7 @@ def prepare_s3diff(source, loaded, settings: S3DiffSettings, progress: Progress)
         "latent": {"encoder_output": "posterior mean (upstream samples)", "scaling_factor": VAE_SCALING_FACTOR,
                    "vae_factor": 8},
         "guidance": {"cfg_scale": settings.cfg_scale, "batched": settings.cfg_scale != 1.0,
+                     "cfg_input": "cfg_scale" if settings.cfg_scale != 1.0 else None,
                      "positive_prompt": POSITIVE_PROMPT,
                      "negative_prompt": NEGATIVE_PROMPT if settings.cfg_scale != 1.0 else None},
         "schedule": {"timestep": schedule.timestep, "alpha_cumprod": schedule.alpha_cumprod,

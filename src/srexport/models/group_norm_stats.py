@@ -185,27 +185,30 @@ def pool_stats(stats: torch.Tensor) -> torch.Tensor:
 
 class StatsPool:
     """Streams tile batches' statistics into ``pool_stats`` of all of them (the runtime's
-    first pass; the same interface as ``runtime.tiling.BlendCanvas``)."""
+    first pass; the same interface as ``runtime.tiling.BlendCanvas``). ``copies``: a batch holds
+    that many copies of its tiles, copy-major (``runtime.tiling.tile_feeds``), pooled apart."""
 
-    def __init__(self):
+    def __init__(self, copies: int = 1):
+        self.copies = copies
         self._mean_sum = self._var_sum = self._square_sum = None
         self.count = 0
 
     def add(self, stats: torch.Tensor, origins=None) -> None:
         s = stats.detach().to("cpu", torch.float64)
+        s = s.reshape(self.copies, -1, *s.shape[1:])  # (copies, tiles, L, G, 2)
         if self._mean_sum is None:
-            self._mean_sum = torch.zeros_like(s[0, ..., 0])
+            self._mean_sum = torch.zeros_like(s[:, 0, ..., 0])
             self._var_sum, self._square_sum = torch.zeros_like(self._mean_sum), torch.zeros_like(self._mean_sum)
-        self._mean_sum += s[..., 0].sum(0)
-        self._var_sum += s[..., 1].sum(0)
-        self._square_sum += (s[..., 0] ** 2).sum(0)
-        self.count += s.shape[0]
+        self._mean_sum += s[..., 0].sum(1)
+        self._var_sum += s[..., 1].sum(1)
+        self._square_sum += (s[..., 0] ** 2).sum(1)
+        self.count += s.shape[1]
 
     def result(self) -> torch.Tensor:
-        """(1, L, G, 2) float32: E[var] + E[mean^2] - E[mean]^2, the union's variance."""
+        """(copies, L, G, 2) float32: E[var] + E[mean^2] - E[mean]^2, the union's variance."""
         mean = self._mean_sum / self.count
         var = self._var_sum / self.count + (self._square_sum / self.count - mean * mean).clamp_min(0)
-        return torch.stack([mean, var], -1)[None].float()
+        return torch.stack([mean, var], -1).float()
 
 
 # --- components and specs ----------------------------------------------------------------

@@ -55,16 +55,17 @@ class TiledReference:
         self.processing = reference.processing
 
     @torch.no_grad()
-    def stage_tensors(self, lr: torch.Tensor):
+    def stage_tensors(self, lr: torch.Tensor, resolved=None):
+        """``resolved``: a call's guidance (``artifact.guidance.resolve``), None for the build's."""
         ref = self.reference
         prepared = ref.preprocess(lr)
         height, width = prepared.model_input.shape[-2:]
         if self.settings.fits_one_tile(height, width):
-            return ref.stage_tensors(lr)  # one tile for every stage: the whole-image computation
+            return ref.stage_tensors(lr, resolved)  # one tile for every stage: the whole-image computation
         env = {"lr_image": lr, "image": prepared.model_input}
         extra = ()
         if hasattr(ref, "scores"):  # S3Diff: from the whole LR image, the same for every tile
-            env["scores"] = ref.scores(lr)
+            env["scores"] = ref.scores(lr, resolved)
             extra = (env["scores"],)
 
         def per_tile(fn):
@@ -73,8 +74,11 @@ class TiledReference:
         stages = self.settings.stages()
         modules = ref.components()
         env["latent"] = self._vae(per_tile(ref.encode), modules["vae_encoder"], env["image"], stages["encode"])
-        terms = [modules[t["component"]] for t in ref.denoise_plan()["terms"]]
-        env["denoised"] = self._denoise(per_tile(ref.denoise), terms, env["latent"], stages["denoise"])
+        plan = resolved.plan if resolved is not None else ref.denoise_plan()
+        # each UNet module once: a module two terms share (adjustable exact) records both calls in turn
+        unets = [modules[c] for c in dict.fromkeys(t["component"] for t in plan["terms"])]
+        denoise = per_tile(lambda tile, *inputs: ref.denoise(tile, *inputs, resolved))
+        env["denoised"] = self._denoise(denoise, unets, env["latent"], stages["denoise"])
         env["decoded"] = self._vae(ref.decode, modules["vae_decoder"], env["denoised"], stages["decode"])
         if tuple(env["decoded"].shape[-2:]) != (height, width) or height % VAE_FACTOR or width % VAE_FACTOR:
             # preprocess sizes the encoder input to a multiple of the VAE factor; the blend keeps it
@@ -142,6 +146,6 @@ class TiledReference:
         return tiled_apply(normalised, x, stage)
 
     @torch.no_grad()
-    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
-        env, prepared = self.stage_tensors(lr)
+    def __call__(self, lr: torch.Tensor, resolved=None) -> torch.Tensor:
+        env, prepared = self.stage_tensors(lr, resolved)
         return postprocess(env["decoded"], prepared, self.processing)

@@ -27,6 +27,12 @@ colour casts to grey photos. ``grey_output = "color"`` keeps the colour output.
 The rule belongs to ``__call__``/``upscale``; ``run_stages`` returns what the
 networks make, which is what parity against the reference measures.
 
+Guidance per call (artifact/guidance.py): ``pipeline(lr, lambda_pix=0.8,
+lambda_sem=0.5, guidance="exact")`` on a PiSA-SR artifact that takes scales
+(adjustable, exact), ``cfg_scale=`` and ``degradation=(blur, noise)`` on S3Diff;
+``use_controls`` sets the defaults of later calls. A plan's terms on one graph
+run as one batch (adjustable exact: two samples per tile, copy-major).
+
 Thread safety: one pipeline serialises its calls with a lock (runners may
 hold per-call buffers). A service that wants parallelism keeps one pipeline
 per worker.
@@ -41,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..artifact.guidance import CFG_SCALE, LORA_SCALES, Controls, Resolved, grouped_terms, resolve
 from ..artifact.tile_settings import TWO_PASS_NORMS
 from ..errors import InputTypeError, InputValueError
 from ..processing import Processing, postprocess, preprocess
@@ -181,7 +188,7 @@ class SRPipeline:
         self.manifest = manifest
         self.runners = runners
         self.processing = Processing.from_dict(manifest["processing"])
-        self.denoise_plan = manifest["denoise"]
+        self.resolved = resolve(manifest)  # the guidance of calls that do not choose (use_controls)
         # --- tiling (runtime/tiling.py) ---
         self.tiling = tiling_.manifest_tiling(manifest)  # None: an artifact without a tiling section
         self.tiled = self.tiling is not None if tiled is None else bool(tiled)  # the default for calls
@@ -194,6 +201,7 @@ class SRPipeline:
             self.use_unet_norm(self.tiling.unet_norm)
         self.progress: tiling_.Progress | None = None  # (stage, tiles done, tiles in stage), e.g. a tqdm
         self.grey_output = "auto"  # GREY_OUTPUTS; a call's keyword overrides it
+        self._defaults = Controls()
         self._lock = threading.Lock()
 
     @property
@@ -210,6 +218,26 @@ class SRPipeline:
         """``lr`` checked against the input contract (``as_lr_tensor``), as a float32 tensor: a
         service can refuse a bad request before queueing it."""
         return as_lr_tensor(lr, self.processing)
+
+    @property
+    def denoise_plan(self) -> dict:
+        """The denoise plan of calls that do not choose their guidance."""
+        return self.resolved.plan
+
+    def controls(self, controls: Controls | None = None, **given) -> Resolved:
+        """A call's guidance (``Controls`` or its fields as keywords) checked against the artifact,
+        over the defaults of ``use_controls``; a one-line UserError names the fix."""
+        controls = controls if controls is not None else Controls(**given)
+        if not controls.given():
+            return self.resolved
+        return resolve(self.manifest, Controls(**{**self._defaults.given(), **controls.given()}))
+
+    def use_controls(self, controls: Controls | None = None, **given) -> None:
+        """The guidance of later calls that do not choose (``controls``): e.g. a service's default
+        slider position, or ``srexport check --lambda-pix 0.8``."""
+        controls = controls if controls is not None else Controls(**given)
+        self.resolved = resolve(self.manifest, controls)
+        self._defaults = controls
 
     def use_vae_norm(self, method: str) -> None:
         """Tiled VAE GroupNorm statistics for later calls: "per-tile" (any artifact) or "two-pass"
@@ -259,7 +287,7 @@ class SRPipeline:
         from ..artifact.tile_settings import UNET_TWO_PASS_GRAPHS, check_unet_norm
 
         check_unet_norm(self.manifest, method)
-        terms = [t["component"] for t in self.denoise_plan["terms"]]
+        terms = list(dict.fromkeys(t["component"] for t in self.denoise_plan["terms"]))
         missing = [g for c in terms for g in UNET_TWO_PASS_GRAPHS[c] if g not in self.runners] if (
             method == "coarse" and self.runners) else []
         if missing:
@@ -285,18 +313,33 @@ class SRPipeline:
             return runner(tiling_.tile_feeds(runner.spec, tiled_input, env[tiled_input], env))
         return runner({name: env[name] for name in runner.spec.input_names})
 
-    def _denoise(self, env: dict[str, torch.Tensor], tiled: bool = False, pooled: bool = False) -> torch.Tensor:
-        """The manifest's denoise plan: z0 = latent_weight * latent + sum(weight_i * z0_i);
-        ``pooled``: each UNet graph's pooled graph, with the statistics in ``env``."""
-        from ..models.group_norm_stats import TWO_PASS_OF
-
-        plan = self.denoise_plan
+    def _denoise(self, env: dict[str, torch.Tensor], plan: dict, pooled: bool = False) -> torch.Tensor:
+        """The denoise plan: z0 = latent_weight * latent + sum(weight_i * z0_i), the terms of one
+        graph as one batch; ``pooled``: each UNet graph's pooled graph, with the statistics in ``env``."""
         denoised = plan["latent_weight"] * env["latent"] if plan["latent_weight"] else 0
-        for term in plan["terms"]:
-            component = TWO_PASS_OF[term["component"]][1] if pooled else term["component"]
-            z0 = self._run(component, env, "latent" if tiled else None)["denoised"]
-            denoised = denoised + term["weight"] * z0
+        for component, terms in grouped_terms(plan):
+            outputs = self._run_terms(component, terms, env, "pooled" if pooled else "plain").chunk(len(terms))
+            for term, z0 in zip(terms, outputs):
+                denoised = denoised + term["weight"] * z0
         return denoised
+
+    def _run_terms(self, plain: str, terms: list[dict], env: dict, kind: str = "plain") -> torch.Tensor:
+        """One call of UNet graph ``plain`` (``kind`` "plain", or its "stats" or "pooled" graph) on
+        ``env["latent"]`` for every term on it: the latent once per term (copy-major), each copy
+        with its term's lora_scales and pooled statistics. Returns the first output, batch
+        terms x latent batch."""
+        from ..models.group_norm_stats import TWO_PASS_OF, norm_stats_name
+
+        latent = env["latent"]
+        per_copy = {}
+        if LORA_SCALES in terms[0]:
+            per_copy[LORA_SCALES] = torch.tensor([t[LORA_SCALES] for t in terms], dtype=latent.dtype,
+                                                 device=latent.device)
+        component = {"plain": plain, "stats": TWO_PASS_OF[plain][0], "pooled": TWO_PASS_OF[plain][1]}[kind]
+        if kind == "pooled":
+            per_copy[norm_stats_name(plain)] = env[norm_stats_name(plain)]
+        runner = self.runners[component]
+        return runner(tiling_.tile_feeds(runner.spec, "latent", latent, env, per_copy))[runner.spec.output_names[0]]
 
     def will_tile(self, lr_height: int, lr_width: int, tiled: bool | None = None) -> bool:
         """Whether an LR image of this size runs tiled (else whole); refuses a whole-image
@@ -311,15 +354,17 @@ class SRPipeline:
             tiling_.check_untiled(height, width, self.untiled_max_megapixels)
         return False
 
-    def tile_counts(self, lr_height: int, lr_width: int) -> dict[str, int]:
-        """Tiles per stage for an LR image of this size (for progress bars)."""
+    def tile_counts(self, lr_height: int, lr_width: int, resolved: Resolved | None = None) -> dict[str, int]:
+        """Tiles per stage for an LR image of this size (for progress bars); ``resolved``: a call's
+        guidance (default: ``self.resolved``)."""
+        plan = (resolved or self.resolved).plan
         height, width = upscaled_size(lr_height, lr_width, self.processing)
         counts = {}
         stages = self.tiling.stages()
         for stage, grid in tiling_.plan_tiles(self.tiling, height, width).items():
             statistics = self._statistics_grid(stages[stage], grid)
             if statistics is not None:  # the denoiser's: once per UNet graph of the plan
-                graphs = len(self.denoise_plan["terms"]) if stage == "denoise" else 1
+                graphs = len(grouped_terms(plan)) if stage == "denoise" else 1
                 counts[tiling_.stats_label(stage)] = statistics.count * graphs
             counts[stage] = grid.count
         return counts
@@ -351,7 +396,8 @@ class SRPipeline:
                             "this srexport")
         self.tiling = dataclasses.replace(self.tiling, plan=plan).validate()
 
-    def run_stages(self, lr: torch.Tensor, timer: Timer | None = None, tiled: bool | None = None) -> StageOutputs:
+    def run_stages(self, lr: torch.Tensor, timer: Timer | None = None, tiled: bool | None = None,
+                   resolved: Resolved | None = None) -> StageOutputs:
         """LR (1,3,h,w) float in [0,1] -> every named tensor, timed per stage.
 
         ``lr`` is checked (and converted) as ``__call__``'s; the greyscale rule is not applied:
@@ -362,13 +408,22 @@ class SRPipeline:
         ``tiled`` overrides the pipeline's default (``self.tiled``). A tiled run keeps
         ``lr_image``, ``scores`` (S3Diff), ``latent``, ``denoised`` and ``output`` (the
         full-size ``image`` and ``decoded`` never exist: tiles are made and finished in place).
+        ``resolved``: the call's guidance (``controls``; default ``self.resolved``).
         """
         lr = self.check_input(lr)
-        return self._run_stages(lr, timer, tiled)
+        return self._run_stages(lr, timer, tiled, resolved or self.resolved)
 
-    def _run_stages(self, lr: torch.Tensor, timer: Timer | None, tiled: bool | None) -> StageOutputs:
+    def _call_inputs(self, env: dict, resolved: Resolved, device) -> None:
+        """The per-image inputs a call's guidance gives: S3Diff's cfg scale, its given scores."""
+        if resolved.cfg_scale is not None:
+            env[CFG_SCALE] = torch.full((1, 1), float(resolved.cfg_scale), device=device)
+        if resolved.scores is not None:
+            env["scores"] = torch.tensor([resolved.scores], dtype=torch.float32, device=device)
+
+    def _run_stages(self, lr: torch.Tensor, timer: Timer | None, tiled: bool | None,
+                    resolved: Resolved) -> StageOutputs:
         if self.will_tile(*lr.shape[-2:], tiled=tiled):
-            return self._run_tiled(lr, timer if timer is not None else HostTimer())
+            return self._run_tiled(lr, timer if timer is not None else HostTimer(), resolved)
         out = StageOutputs()
         timer = timer if timer is not None else HostTimer()
 
@@ -377,6 +432,7 @@ class SRPipeline:
         prepared = preprocess(lr, self.processing)
         env = out.tensors
         env.update(lr_image=lr, image=prepared.model_input)
+        self._call_inputs(env, resolved, lr.device)
         timer.stop("preprocess")
 
         self._run_whole_image(env, timer)
@@ -386,7 +442,7 @@ class SRPipeline:
         timer.stop("encode")
 
         timer.start("denoise")
-        env["denoised"] = self._denoise(env)
+        env["denoised"] = self._denoise(env, resolved.plan)
         timer.stop("denoise")
 
         timer.start("decode")
@@ -405,14 +461,15 @@ class SRPipeline:
         return self.runners[self.denoise_plan["terms"][0]["component"]].spec.output_channels
 
     def _run_whole_image(self, env: dict, timer: Timer) -> None:
-        """The components whose spec says they run once on the whole LR image, each timed as its stage."""
+        """The components whose spec says they run once on the whole LR image, each timed as its
+        stage; one whose outputs the call gave (S3Diff's scores) is skipped."""
         for component, runner in self.runners.items():
-            if runner.spec.whole_image:
+            if runner.spec.whole_image and not set(runner.spec.output_names) <= env.keys():
                 timer.start(runner.spec.stage)
                 env.update(self._run(component, env))
                 timer.stop(runner.spec.stage)
 
-    def _run_tiled(self, lr: torch.Tensor, timer: Timer) -> StageOutputs:
+    def _run_tiled(self, lr: torch.Tensor, timer: Timer, resolved: Resolved) -> StageOutputs:
         """The tiled stages (see runtime/tiling.py); preprocessing happens per encoder tile."""
         out = StageOutputs()
         env = out.tensors
@@ -420,6 +477,7 @@ class SRPipeline:
         lr = lr.to(self.device)
         source = UpscaledSource(lr, self.processing)
         env["lr_image"] = lr
+        self._call_inputs(env, resolved, lr.device)
         timer.stop("preprocess")
         stages = self.tiling.stages()
         grids = tiling_.plan_tiles(self.tiling, *source.size)
@@ -433,10 +491,10 @@ class SRPipeline:
             lambda k, h, w: source.coarse_model_input(k, h, w))
 
         stage, grid = stages["denoise"], grids["denoise"]
-        pooled = self._denoise_statistics(stage, grid, env, timer)
+        pooled = self._denoise_statistics(stage, grid, env, timer, resolved.plan)
         env["denoised"] = tiling_.run_stage(
             stage, grid, tiling_.latent_reader(env["latent"], grid),
-            lambda tiles: self._denoise(dict(env, latent=tiles), tiled=True, pooled=pooled),
+            lambda tiles: self._denoise(dict(env, latent=tiles), resolved.plan, pooled=pooled),
             tiling_.BlendCanvas(grid, stage, self._denoised_channels, lr.device), self.progress, timer)
 
         grid = grids["decode"]
@@ -450,30 +508,29 @@ class SRPipeline:
         out.seconds, out.total_seconds = timer.seconds(), timer.total()
         return out
 
-    def _denoise_statistics(self, stage, grid, env: dict, timer) -> bool:
+    def _denoise_statistics(self, stage, grid, env: dict, timer, plan: dict) -> bool:
         """Coarse UNet statistics: each UNet graph's stats graph over the latent averaged over k x k
-        (its grid: ``_statistics_grid``), pooled into env; False where the tiles use their own."""
-        from ..models.group_norm_stats import TWO_PASS_OF, StatsPool, norm_stats_name, tile_stats_name
+        (its grid: ``_statistics_grid``), pooled into env, apart per term where a graph runs several
+        (``_run_terms``); False where the tiles use their own."""
+        from ..models.group_norm_stats import StatsPool, norm_stats_name
 
         statistics = self._statistics_grid(stage, grid)
         if statistics is None:
             return False
         size = stage.coarse_size(grid.height, grid.width)
         source = tiling_.coarse(env["latent"], *size) if size is not None else env["latent"]
-        terms = [t["component"] for t in self.denoise_plan["terms"]]
-        for i, plain in enumerate(terms):
-            stats_graph = TWO_PASS_OF[plain][0]
+        groups = grouped_terms(plan)
+        for i, (plain, terms) in enumerate(groups):
+            def compute(tiles, plain=plain, terms=terms):
+                return self._run_terms(plain, terms, dict(env, latent=tiles), "stats")
 
-            def compute(tiles, stats_graph=stats_graph, plain=plain):
-                return self._run(stats_graph, dict(env, latent=tiles), "latent")[tile_stats_name(plain)]
-
-            def progress(label, done, total, before=i * statistics.count):  # one count over every term
+            def progress(label, done, total, before=i * statistics.count):  # one count over every graph
                 if self.progress is not None:
-                    self.progress(label, before + done, total * len(terms))
+                    self.progress(label, before + done, total * len(groups))
 
             env[norm_stats_name(plain)] = tiling_.run_stage(
-                stage, statistics, tiling_.latent_reader(source, statistics), compute, StatsPool(), progress,
-                timer, None, label=tiling_.stats_label(stage.name)).to(env["lr_image"].device)
+                stage, statistics, tiling_.latent_reader(source, statistics), compute, StatsPool(len(terms)),
+                progress, timer, None, label=tiling_.stats_label(stage.name)).to(env["lr_image"].device)
         return True
 
     def _vae_stage(self, plain: str, stage, grid, tiled_input: str, env: dict, timer,
@@ -509,31 +566,35 @@ class SRPipeline:
         return tiling_.run_stage(stage, grid, reader(grid), compute(component, output), canvas, self.progress, timer,
                                  read_stage)
 
-    def __call__(self, lr, grey_output: str | None = None) -> torch.Tensor:
+    def __call__(self, lr, grey_output: str | None = None, **controls) -> torch.Tensor:
         """Upscale one image: a (1,3,h,w) float tensor in [0,1] (float16, bfloat16 and float64
         are converted to float32) or an HxWx3 uint8 numpy array -> (1,3,H,W) float32 in [0,1],
         on the tensor's device (CPU for an array). Other inputs are refused with one line naming
         the fix (module docstring). ``grey_output`` ("auto" | "color") overrides
         ``self.grey_output`` for this call: with "auto" a greyscale input (identical channels)
-        gives its result's BT.601 luma (0.299 R + 0.587 G + 0.114 B) in all three channels."""
+        gives its result's BT.601 luma (0.299 R + 0.587 G + 0.114 B) in all three channels.
+        ``controls``: this call's guidance (``artifact.guidance.Controls``' fields: lambda_pix,
+        lambda_sem, guidance; cfg_scale, degradation), checked before any work."""
         grey_output = self.grey_output if grey_output is None else check_grey_output(grey_output)
+        resolved = self.controls(**controls)
         lr = self.check_input(lr)
         with self._lock:
-            output = self._run_stages(lr, None, None).tensors["output"]
+            output = self._run_stages(lr, None, None, resolved).tensors["output"]
             if grey_output == "auto" and is_grey(lr):
                 luma_in_place(output)  # on the runners' device, before the download
             # The one download: the result comes back on the caller's device.
             return output.to(lr.device)
 
-    def upscale(self, image, grey_output: str | None = None):
+    def upscale(self, image, grey_output: str | None = None, **controls):
         """A PIL image, or the path of an image file (read by ``runtime.images.load_image``), in;
-        a PIL RGB 8-bit image out. ``grey_output`` as for ``__call__``."""
+        a PIL RGB 8-bit image out. ``grey_output`` and ``controls`` as for ``__call__``."""
         from pathlib import Path
 
         from PIL import Image
 
         from .images import load_image, pil_to_tensor, tensor_to_pil
 
+        self.controls(**controls)  # a bad option is refused before the file is read
         if isinstance(image, (str, Path)):
             lr = load_image(image)
         elif isinstance(image, Image.Image):
@@ -542,4 +603,4 @@ class SRPipeline:
             raise InputTypeError(
                 f"upscale takes a PIL image or an image file's path, not a {type(image).__module__}."
                 f"{type(image).__qualname__}; for {EXPECTED_INPUT} call the pipeline itself: pipeline(lr)")
-        return tensor_to_pil(self(lr, grey_output=grey_output))
+        return tensor_to_pil(self(lr, grey_output=grey_output, **controls))

@@ -118,19 +118,32 @@ class BlendCanvas:
 
 # --- running a stage ---------------------------------------------------------------------
 
-def tile_feeds(spec: ComponentSpec, tiled_input: str, tiles: torch.Tensor, env: dict) -> dict[str, torch.Tensor]:
+def tile_feeds(spec: ComponentSpec, tiled_input: str, tiles: torch.Tensor, env: dict,
+               per_copy: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Feeds for one tile batch: the tiles under ``tiled_input``; every other input with a
     ``batch`` dim and no spatial dim (per-image values such as S3Diff's scores) repeated over
-    the batch; inputs without a batch dim as they are."""
+    the batch; inputs without a batch dim as they are.
+
+    ``per_copy``: inputs with one value per copy of the batch, (k, ...) each (the adjustable
+    UNet's lora_scales and their statistics): the batch becomes k copies of the tiles,
+    copy-major (every tile of copy 0, then of copy 1), each copy with its own values."""
+    per_copy = per_copy or {}
+    copies = len(next(iter(per_copy.values()))) if per_copy else 1
     feeds = {}
     n = tiles.shape[0]
     for tensor in spec.inputs:
         if tensor.name == tiled_input:
-            feeds[tensor.name] = tiles
+            feeds[tensor.name] = tiles if copies == 1 else torch.cat([tiles] * copies)
             continue
         dims = set(d for d in tensor.dims if isinstance(d, str))
         if dims & SPATIAL_DIMS:
             raise ValueError(f"{spec.name}: input {tensor.name} is spatial {tensor.dims}; only {tiled_input} is tiled")
+        if tensor.name in per_copy:
+            value = per_copy[tensor.name]
+            if value.shape[0] != copies:
+                raise ValueError(f"{spec.name}: {tensor.name} has {value.shape[0]} copies, expected {copies}")
+            feeds[tensor.name] = value.repeat_interleave(n, 0) if n != 1 else value.contiguous()
+            continue
         value = env[tensor.name]
         if "batch" in tensor.dims:
             axis = tensor.dims.index("batch")
@@ -138,7 +151,7 @@ def tile_feeds(spec: ComponentSpec, tiled_input: str, tiles: torch.Tensor, env: 
                 raise ValueError(f"{spec.name}: per-image input {tensor.name} has batch {value.shape[axis]}, "
                                  "expected 1")
             shape = list(value.shape)
-            shape[axis] = n
+            shape[axis] = n * copies
             value = value.expand(*shape).contiguous()  # tiny; some runners want dense buffers
         feeds[tensor.name] = value
     return feeds

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...artifact.guidance import Resolved
 from ...errors import UserError
 from ...processing import Prepared, Processing, postprocess, preprocess
 from ..base import BaseModel, encode_prompt
@@ -163,7 +164,8 @@ class S3DiffDenoiser(nn.Module):
         self.register_buffer("sqrt_one_minus_alpha", sqrt_one_minus_alpha, persistent=False)
         self.register_buffer("sqrt_alpha", sqrt_alpha, persistent=False)
 
-    def epsilon(self, latent: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+    def epsilon(self, latent: torch.Tensor, scores: torch.Tensor | None = None,
+                cfg_scale: torch.Tensor | None = None) -> torch.Tensor:
         batch = latent.shape[0]
         positive = self.positive_embeds.expand(batch, -1, -1)
         controller = self._controller
@@ -181,10 +183,29 @@ class S3DiffDenoiser(nn.Module):
             with _modulated(controller, scores):
                 eps_positive = self.unet(latent, self.timestep, positive).sample
                 eps_negative = self.unet(latent, self.timestep, negative).sample
-        return eps_negative + self.cfg_scale * (eps_positive - eps_negative)
+        if cfg_scale is None:
+            return eps_negative + self.cfg_scale * (eps_positive - eps_negative)
+        if cfg_scale.shape != (batch, 1):
+            raise ValueError(f"cfg_scale should be ({batch}, 1), got {tuple(cfg_scale.shape)}")
+        return eps_negative + cfg_scale.to(latent.dtype)[:, :, None, None] * (eps_positive - eps_negative)
 
-    def forward(self, latent: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
-        eps = self.epsilon(latent, scores)
+    @property
+    def takes_cfg(self) -> bool:
+        """Whether the CFG scale is an input (the negative pass is kept: cfg_scale != 1 at build)."""
+        return self.negative_embeds is not None
+
+    def forward(self, latent: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        """(latent[, scores][, cfg_scale]) -> z0, in the spec's input order: ``scores`` (B, 2) where
+        the LoRA is modulated, ``cfg_scale`` (B, 1) where the negative pass is kept (absent: the
+        build's scale)."""
+        inputs = list(inputs)
+        scores = inputs.pop(0) if self._controller is not None else None
+        cfg_scale = inputs.pop(0) if inputs else None
+        return self.denoise(latent, scores, cfg_scale)
+
+    def denoise(self, latent: torch.Tensor, scores: torch.Tensor | None = None,
+                cfg_scale: torch.Tensor | None = None) -> torch.Tensor:
+        eps = self.epsilon(latent, scores, cfg_scale)
         denoised = (latent - self.sqrt_one_minus_alpha * eps) / self.sqrt_alpha
         if self.clip_range is not None:
             denoised = denoised.clamp(-self.clip_range, self.clip_range)
@@ -269,7 +290,7 @@ class S3DiffReference(nn.Module):
 
     def components(self) -> dict[str, nn.Module]:
         """Graph name -> module; inputs follow the specs: degradation(lr_image),
-        vae_encoder(image[, scores]), unet(latent[, scores]), vae_decoder(denoised)."""
+        vae_encoder(image[, scores]), unet(latent[, scores][, cfg_scale]), vae_decoder(denoised)."""
         components = {"degradation": self.estimator} if self.modulated else {}
         components.update(vae_encoder=self.encoder, unet=self.denoiser, vae_decoder=self.decoder)
         return components
@@ -282,11 +303,21 @@ class S3DiffReference(nn.Module):
     # --- the reference pipeline ------------------------------------------------
 
     @torch.no_grad()
-    def scores(self, lr: torch.Tensor) -> torch.Tensor:
-        """(B, 2) degradation scores (blur, noise): estimated from the LR image, or the fixed ones."""
+    def scores(self, lr: torch.Tensor, resolved: Resolved | None = None) -> torch.Tensor:
+        """(B, 2) degradation scores (blur, noise): the fixed ones, the call's given ones
+        (``resolved.scores``), or estimated from the LR image."""
         if self.fixed_scores is not None:
             return self.fixed_scores.expand(lr.shape[0], -1)
+        if resolved is not None and resolved.scores is not None:
+            return torch.tensor([resolved.scores], dtype=lr.dtype).expand(lr.shape[0], -1)
         return self.estimator(lr)
+
+    def cfg_input(self, batch: int, resolved: Resolved | None = None) -> torch.Tensor | None:
+        """The (B, 1) cfg_scale input of a UNet that takes one: the call's, or the build's."""
+        if not self.denoiser.takes_cfg:
+            return None
+        cfg = resolved.cfg_scale if resolved is not None and resolved.cfg_scale is not None else self.cfg_scale
+        return torch.full((batch, 1), float(cfg))
 
     def preprocess(self, lr: torch.Tensor) -> Prepared:
         _check_image(lr)
@@ -297,8 +328,9 @@ class S3DiffReference(nn.Module):
         return self.encoder(x, scores if self.modulated else None)
 
     @torch.no_grad()
-    def denoise(self, z: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
-        return self.denoiser(z, scores if self.modulated else None)
+    def denoise(self, z: torch.Tensor, scores: torch.Tensor | None = None, resolved: Resolved | None = None
+                ) -> torch.Tensor:
+        return self.denoiser.denoise(z, scores if self.modulated else None, self.cfg_input(z.shape[0], resolved))
 
     @torch.no_grad()
     def decode(self, z0: torch.Tensor) -> torch.Tensor:
@@ -309,18 +341,23 @@ class S3DiffReference(nn.Module):
         return postprocess(decoded, prepared, self.processing)
 
     @torch.no_grad()
-    def stage_tensors(self, lr: torch.Tensor) -> tuple[dict[str, torch.Tensor], Prepared]:
-        """Every named tensor of one run (the spec names), computed the reference way."""
+    def stage_tensors(self, lr: torch.Tensor, resolved: Resolved | None = None
+                      ) -> tuple[dict[str, torch.Tensor], Prepared]:
+        """Every named tensor of one run (the spec names), computed the reference way; ``resolved``:
+        a call's cfg scale and given scores (``artifact.guidance.resolve``)."""
         prepared = self.preprocess(lr)
-        env = {"lr_image": lr, "image": prepared.model_input, "scores": self.scores(lr)}
+        env = {"lr_image": lr, "image": prepared.model_input, "scores": self.scores(lr, resolved)}
+        cfg = self.cfg_input(lr.shape[0], resolved)
+        if cfg is not None:
+            env["cfg_scale"] = cfg
         env["latent"] = self.encode(env["image"], env["scores"])
-        env["denoised"] = self.denoise(env["latent"], env["scores"])
+        env["denoised"] = self.denoise(env["latent"], env["scores"], resolved)
         env["decoded"] = self.decode(env["denoised"])
         return env, prepared
 
     @torch.no_grad()
-    def forward(self, lr: torch.Tensor) -> torch.Tensor:
-        env, prepared = self.stage_tensors(lr)
+    def forward(self, lr: torch.Tensor, resolved: Resolved | None = None) -> torch.Tensor:
+        env, prepared = self.stage_tensors(lr, resolved)
         return self.postprocess(env["decoded"], prepared)
 
 
