@@ -914,8 +914,16 @@ def test_a_v1_manifest_loads_through_the_migration(tmp_path, name):
                       "vae_encoder": "encode", "unet": "denoise", "vae_decoder": "decode"}
     for name, component in manifest["components"].items():  # the spec otherwise as it was
         assert {k: v for k, v in component["spec"].items() if k != "stage"} == v1["components"][name]["spec"]
+    if v1["model"]["kind"] == "s3diff":  # its cfg was a constant in the UNet graph
+        assert manifest["guidance"] == dict(v1["guidance"], cfg_input=None)
+    else:  # a PiSA-SR artifact runs the scales it was built with; exact ones any
+        settings = v1["model"]["settings"]
+        assert manifest["guidance"]["built"] == settings["guidance"]
+        assert (manifest["guidance"]["lambda_pix"], manifest["guidance"]["lambda_sem"]) == (
+            settings["lambda_pix"], settings["lambda_sem"])
+        assert manifest["guidance"]["per_call_scales"] == (settings["guidance"] == "exact")
     machine = {k: v for k, v in v1.items()
-               if k not in ("format_version", "tiling", "export", "schedule", "model", "components")}
+               if k not in ("format_version", "tiling", "export", "schedule", "model", "components", "guidance")}
     assert {k: manifest[k] for k in machine} == machine  # everything else as it was
 
 

@@ -88,6 +88,27 @@ def _reference(source, **settings):
     return PisaReference(base, ckpt, PisaSettings(process_size=128, **settings))
 
 
+@pytest.mark.parametrize("coefficients,branches", [((1.0, 0.0), ("pix",)), ((1.0, 1.0), ("pix", "sem"))])
+def test_branched_layers_equal_peft_merged_weights(demo_source, coefficients, branches):
+    """The adjustable UNet at (1, 0) is peft's merge of the pix adapters, at (1, 1) of both."""
+    from srexport.models.components import EpsilonDenoiser
+    from srexport.models.base import encode_prompt
+
+    base, ckpt = demo_source.load()
+    merged = _peft_merged_unet(base.unet, ckpt, branches)
+    plain = copy.deepcopy(base.unet)
+    for name, weight in merged.items():
+        plain.get_submodule(name).weight.data.copy_(weight)
+    adjustable = _reference(demo_source, guidance="adjustable").unets["unet"]  # LoRA as branches
+    expected = EpsilonDenoiser(plain, encode_prompt(base, ""), 1)
+    z = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = adjustable(z, torch.tensor([coefficients]))
+        theirs = expected(z)
+    assert float((ours - theirs).abs().max()) < 1e-5
+    assert float((ours - adjustable(z, torch.tensor([[1.0, 0.5]]))).abs().max()) > 1e-4  # b matters
+
+
 @pytest.mark.parametrize("lambda_sem", [0.0, 1.0])
 def test_merged_equals_exact_at_lambda_pix_one(demo_source, small_lr, lambda_sem):
     merged = _reference(demo_source, lambda_pix=1.0, lambda_sem=lambda_sem, guidance="merged")
@@ -119,6 +140,11 @@ def test_exact_denoise_plan_matches_upstream_formula(demo_source, small_lr):
     manifest = {"processing": ref.processing.to_dict(), "denoise": ref.settings.denoise_plan()}
     out = SRPipeline(manifest, runners)(small_lr)
     assert compare(out, ref(small_lr), 1.0).max_abs < 1e-5
+    z = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # the plan the reference runs is upstream's formula
+        eps_pix, eps_sem = ref.unets["unet_pix"].epsilon(z), ref.unets["unet_sem"].epsilon(z)
+        upstream = z - (0.7 * eps_pix + 1.3 * (eps_sem - eps_pix))
+        assert float((ref.denoise(z) - upstream).abs().max()) < 1e-5
 
 
 def test_merged_refuses_lambda_pix_zero():

@@ -59,7 +59,7 @@ def test_onnx_components_match_pytorch(s3diff_artifact, geometry):
 
     art, ref = s3diff_artifact
     assert set(art.components) == {"degradation", "vae_encoder", "unet", "vae_decoder"}
-    assert art.components["unet"].input_names == ["latent", "scores"]
+    assert art.components["unet"].input_names == ["latent", "scores", "cfg_scale"]
     assert art.components["vae_encoder"].input_names == ["image", "scores"]
     modules = ref.components()
     g = Geometry(*geometry)
@@ -99,9 +99,87 @@ def test_batched_cfg_graph_equals_two_reference_passes(s3diff_artifact, s3diff_s
     two_pass = _reference(s3diff_source, batch_guidance=False)
     spec = art.components["unet"]
     feeds = spec.sample_inputs(Geometry(1, 64, 128), seed=5)
+    feeds["cfg_scale"] = torch.full((1, 1), two_pass.cfg_scale)
     graph = OnnxRuntimeRunner(art.component_file("unet"), spec)(feeds)["denoised"]
     expected = two_pass.denoise(feeds["latent"], feeds["scores"])
     assert float((graph - expected).abs().max()) < 1e-4
+
+
+def test_cfg_scale_per_call_equals_an_artifact_built_at_it(s3diff_artifact, s3diff_source, small_lr):
+    """cfg_scale is a per-image graph input: the graph at 1.2 equals the reference built at 1.2,
+    and so does the pipeline run with cfg_scale=1.2 (and a batch of two scales, each alone)."""
+    from srexport.artifact.specs import Geometry
+    from srexport.runtime.loading import load_pipeline
+    from srexport.runtime.runners import OnnxRuntimeRunner
+
+    art, ref = s3diff_artifact
+    assert art.manifest["guidance"]["cfg_input"] == "cfg_scale" and art.manifest["guidance"]["cfg_scale"] == 1.07
+    at_12 = _reference(s3diff_source, cfg_scale=1.2)
+    spec = art.components["unet"]
+    runner = OnnxRuntimeRunner(art.component_file("unet"), spec)
+    feeds = spec.sample_inputs(Geometry(2, 64, 64), seed=6)
+    feeds["cfg_scale"] = torch.tensor([[1.2], [1.07]])
+    both = runner(feeds)["denoised"]
+    assert float((both[:1] - at_12.denoise(feeds["latent"][:1], feeds["scores"][:1])).abs().max()) < 1e-4
+    assert float((both[1:] - ref.denoise(feeds["latent"][1:], feeds["scores"][1:])).abs().max()) < 1e-4
+    pipeline = load_pipeline(art.folder)
+    out = pipeline(small_lr, cfg_scale=1.2)
+    assert compare(out, at_12(small_lr), 1.0).psnr_db >= 50
+    assert compare(out, pipeline(small_lr), 1.0).psnr_db < 50  # the scale reaches the image
+
+
+def test_given_scores_replace_the_estimator(s3diff_artifact, small_lr):
+    """--degradation on a dynamic artifact: the estimator does not run, and the scores it would
+    have given produce the same image bit for bit."""
+    from srexport.runtime.loading import load_pipeline
+
+    art, _ = s3diff_artifact
+    pipeline = load_pipeline(art.folder)
+    estimated = pipeline.run_stages(small_lr).tensors
+    calls = []
+    estimator = pipeline.runners["degradation"]
+    pipeline.runners["degradation"] = type("Counted", (), {
+        "spec": estimator.spec, "backend": "ort", "__call__": lambda self, f: calls.append(f) or estimator(f)})()
+    scores = tuple(estimated["scores"][0].tolist())
+    given = pipeline.run_stages(small_lr, resolved=pipeline.controls(degradation=scores)).tensors
+    assert not calls
+    assert torch.equal(given["output"], estimated["output"])
+    other = pipeline(small_lr, degradation=(0.9, 0.9))
+    assert float((other - estimated["output"]).abs().max()) > 1e-3
+
+
+def test_s3diff_guidance_refusals(s3diff_artifact, small_lr, tmp_path, capsys):
+    import copy
+
+    from srexport.artifact.guidance import Controls, resolve
+    from srexport.errors import UserError
+    from srexport.runtime.images import save_image
+
+    art, _ = s3diff_artifact
+    without_negative = copy.deepcopy(art.manifest)
+    without_negative["guidance"].update(cfg_scale=1.0, batched=False, cfg_input=None)
+    fixed = copy.deepcopy(art.manifest)
+    fixed["model"]["degradation"].update(mode="fixed", fixed_scores=[0.2, 0.1])
+    old = copy.deepcopy(art.manifest)
+    old["guidance"]["cfg_input"] = None  # before cfg was an input
+    for manifest, controls, message in [
+        (without_negative, Controls(cfg_scale=1.2), "without the negative pass"),
+        (fixed, Controls(degradation=(0.3, 0.1)), "merged into its weights"),
+        (old, Controls(cfg_scale=1.2), "as a constant in its UNet graph"),
+        (art.manifest, Controls(cfg_scale=float("nan")), "--cfg-scale nan is not finite"),
+        (art.manifest, Controls(lambda_pix=0.5), "--lambda-pix does not apply to a s3diff artifact"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            resolve(manifest, controls)
+    assert resolve(without_negative, Controls(cfg_scale=1.0)).cfg_scale is None  # its own scale is fine
+    photo, target = tmp_path / "lr.png", tmp_path / "sr.png"
+    save_image(small_lr, photo)
+    for flags, message in ((["--degradation", "1.5,0"], "in [0, 1]"), (["--degradation", "x"], "two numbers"),
+                           (["--cfg-scale", "inf"], "not finite")):
+        assert main(["run", str(art.folder), str(photo), "-o", str(target), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+        assert not target.exists()
 
 
 def test_onnx_pipeline_matches_reference_end_to_end(s3diff_artifact, small_lr):
@@ -138,7 +216,7 @@ def test_unet_statistics_graphs_export_with_each_guidance_copy_apart(s3diff_arti
         p = compare_outputs(OnnxRuntimeRunner(tmp_path / f"{name}.onnx", specs[name])(feeds),
                             TorchRunner(modules[name], specs[name])(feeds))
         assert p.rel_l2 < 1e-4, (name, p.describe())
-    plain = TorchRunner(modules["unet"], art.components["unet"])({k: feeds[k] for k in ("latent", "scores")})
+    plain = TorchRunner(modules["unet"], art.components["unet"])({k: feeds[k] for k in ("latent", "scores", "cfg_scale")})
     pooled = TorchRunner(modules["unet_pooled"], specs["unet_pooled"])(feeds)
     assert torch.allclose(plain["denoised"], pooled["denoised"], atol=1e-4)  # its own statistics: itself
 
@@ -155,7 +233,7 @@ def test_fixed_degradation_graphs_equal_dynamic_graphs(s3diff_artifact, s3diff_s
     scores = (0.35, 0.6)
     fixed = _reference(s3diff_source, degradation=scores)
     fixed_specs = s3diff_specs(S3DiffSettings(degradation=scores))
-    assert "degradation" not in fixed_specs and fixed_specs["unet"].input_names == ["latent"]
+    assert "degradation" not in fixed_specs and fixed_specs["unet"].input_names == ["latent", "cfg_scale"]
     g = Geometry(1, 64, 64)
     for name in ("vae_encoder", "unet"):
         export_onnx(fixed.components()[name], fixed_specs[name], tmp_path / f"{name}.onnx", TRACE_GEOMETRY)
@@ -174,6 +252,7 @@ def test_manifest_records_s3diff_facts(s3diff_artifact):
     assert m["model"]["kind"] == "s3diff"
     assert m["model"]["degradation"]["mode"] == "dynamic"
     assert m["guidance"]["cfg_scale"] == 1.07 and m["guidance"]["batched"] is True
+    assert m["guidance"]["cfg_input"] == "cfg_scale"
     assert m["guidance"]["negative_prompt"].startswith("oil painting")
     assert m["schedule"]["timestep"] == 999
     assert m["schedule"]["alpha_cumprod"] == pytest.approx(0.0046601, abs=1e-7)

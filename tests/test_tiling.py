@@ -387,6 +387,7 @@ def test_cli_run_tiles_by_default_and_refuses_big_untiled_runs(demo_artifact, tm
 def test_s3diff_tiles_share_the_whole_image_scores(tmp_path):
     """S3Diff's modulated graphs through the tiled pipeline (torch backend): scores from the
     whole LR image, repeated over every tile batch; equal to the tiled reference."""
+    from srexport.artifact.guidance import s3diff_guidance_section
     from srexport.export.s3diff_recipe import S3DiffSettings, s3diff_specs
     from srexport.models.base import build_base
     from srexport.models.s3diff import load_de_net, load_s3diff_checkpoint, write_demo_checkpoints
@@ -397,7 +398,9 @@ def test_s3diff_tiles_share_the_whole_image_scores(tmp_path):
     ref = S3DiffReference(build_base("demo", seed=0), load_s3diff_checkpoint(checkpoint), load_de_net(de_net))
     specs = s3diff_specs(S3DiffSettings())
     tiling = TilingSettings(tile=64, overlap=0, batch=3, vae_tile=64, vae_overlap=0, vae_norm="per-tile", unet_norm="per-tile")  # two tiles
-    manifest = {"processing": ref.processing.to_dict(), "denoise": ref.denoise_plan(), "tiling": tiling_section(tiling)}
+    manifest = {"processing": ref.processing.to_dict(), "denoise": ref.denoise_plan(), "tiling": tiling_section(tiling),
+                "model": {"kind": "s3diff", "degradation": {"mode": "dynamic"}},
+                "guidance": s3diff_guidance_section(ref.cfg_scale)}
     modules = ref.components()
     pipeline = SRPipeline(manifest, {n: TorchRunner(modules[n], specs[n]) for n in specs})
     lr = torch.rand(1, 3, 16, 28, generator=torch.Generator().manual_seed(5))  # 64x112 px, padded to 64x128

@@ -304,6 +304,7 @@ def test_s3diff_two_pass_tiles_match_the_reference(tmp_path, norm, unet_norm, lr
     """The scores-modulated S3Diff encoder through its two-pass graphs (torch backend), with
     the whole image's scores, equals the tiled reference of the same statistics method
     (two-pass; coarse on an image whose third is still 8 latent pixels a side)."""
+    from srexport.artifact.guidance import s3diff_guidance_section
     from srexport.export.s3diff_recipe import S3DiffSettings, s3diff_specs
     from srexport.models.base import build_base
     from srexport.models.group_norm_stats import two_pass_specs
@@ -319,10 +320,12 @@ def test_s3diff_two_pass_tiles_match_the_reference(tmp_path, norm, unet_norm, lr
     specs.update(two_pass_specs(specs, modules))
     specs.update(two_pass_specs(specs, modules, plains=["unet"]))
     assert specs["vae_encoder_pooled"].input_names == ["image", "scores", "encoder_norm_stats"]
-    assert specs["unet_pooled"].input_names == ["latent", "scores", "unet_norm_stats"]
+    assert specs["unet_pooled"].input_names == ["latent", "scores", "cfg_scale", "unet_norm_stats"]
     tiling = TilingSettings(tile=64, overlap=0, batch=3, vae_tile=64, vae_overlap=0, vae_norm=norm, unet_norm=unet_norm)
     manifest = {"processing": ref.processing.to_dict(), "denoise": ref.denoise_plan(),
-                "tiling": tiling_section(tiling), "components": {n: {} for n in specs}}
+                "tiling": tiling_section(tiling), "components": {n: {} for n in specs},
+                "model": {"kind": "s3diff", "degradation": {"mode": "dynamic"}},
+                "guidance": s3diff_guidance_section(ref.cfg_scale)}
     pipeline = SRPipeline(manifest, {n: TorchRunner(modules[n], specs[n]) for n in specs})
     lr = torch.rand(1, 3, *lr_size, generator=torch.Generator().manual_seed(5))
     if "coarse" in (norm, unet_norm):  # 192x192 px: the coarse pass runs on 64x64 px and 8x8 latent pixels

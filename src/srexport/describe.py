@@ -21,8 +21,19 @@ def describe_manifest(artifact) -> str:
     lines.append("processing " + ", ".join(f"{k}={v}" for k, v in m["processing"].items()))
     lines.append("latent     " + ", ".join(f"{k}={v!r}" for k, v in m["latent"].items()))
     plan = m["denoise"]
-    terms = " + ".join(f"{t['weight']:g}*{t['component']}" for t in plan["terms"])
+    terms = " + ".join(f"{t['weight']:g}*{t['component']}" + (f"(a, b = {t['lora_scales'][0]:g}, "
+                                                              f"{t['lora_scales'][1]:g})" if "lora_scales" in t else "")
+                       for t in plan["terms"])
     lines.append(f"denoise    z0 = {plan['latent_weight']:g}*latent + {terms}" if plan["latent_weight"] else f"denoise    z0 = {terms}")
+    guidance = m.get("guidance") or {}
+    if "built" in guidance:  # PiSA-SR (artifact/guidance.py)
+        lines.append(f"guidance   built {guidance['built']}: runs {', '.join(guidance['modes'])}; default "
+                     f"{guidance['mode']} at lambda_pix={guidance['lambda_pix']:g}, lambda_sem={guidance['lambda_sem']:g}"
+                     + ("; any scales per call" if guidance["per_call_scales"] else "; these scales only"))
+    elif guidance:
+        lines.append(f"guidance   cfg {guidance['cfg_scale']:g}" + (
+            " (per-image input cfg_scale)" if guidance.get("cfg_input") else
+            " (a constant in the UNet graph)" if guidance.get("batched") else " (no negative pass)"))
     e = m["export"]
     lines.append(f"export     opset {e['opset']}, precision {e['precision']}, io {e['io_dtype']}, {e['exporter']}, cleanup {e['cleanup']}")
     if "tiling" in m:  # artifact/tile_settings.py

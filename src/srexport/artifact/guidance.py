@@ -151,6 +151,15 @@ def _resolve_pisa(section: dict, controls: Controls) -> Resolved:
 # --- S3Diff -----------------------------------------------------------------------------------------
 
 
+def s3diff_guidance_section(cfg_scale: float, positive_prompt: str | None = None,
+                            negative_prompt: str | None = None) -> dict:
+    """The manifest's ``guidance`` section of an S3Diff artifact: the negative pass is kept, and
+    the scale is the per-image input ``cfg_scale``, unless built at cfg 1.0."""
+    batched = float(cfg_scale) != 1.0
+    return {"cfg_scale": float(cfg_scale), "batched": batched, "cfg_input": CFG_SCALE if batched else None,
+            "positive_prompt": positive_prompt, "negative_prompt": negative_prompt if batched else None}
+
+
 def _resolve_s3diff(manifest: dict, controls: Controls) -> Resolved:
     guidance, model = manifest["guidance"], manifest["model"]
     cfg = None
@@ -203,7 +212,12 @@ def resolve(manifest: dict, controls: Controls | None = None) -> Resolved:
     """A call's controls against an artifact's manifest: the plan and inputs to run, or a one-line
     UserError naming the fix."""
     controls = controls or Controls()
-    kind = manifest["model"]["kind"]
+    kind = (manifest.get("model") or {}).get("kind")
+    if kind is None or "guidance" not in manifest:  # a bare plan (tests, hand-made pipelines): as it is
+        if controls.given():
+            raise UserError("this manifest has no model and guidance sections, so its guidance is fixed; rebuild "
+                            "the artifact with this srexport")
+        return Resolved(manifest["denoise"])
     own = _PISA_CONTROLS if kind == "pisa-sr" else _S3DIFF_CONTROLS
     foreign = [_FLAG[k] for k in controls.given() if k not in own]
     if foreign:

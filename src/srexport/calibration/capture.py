@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..models.group_norm_stats import add_whole_image_stats, graph_modules
+from ..artifact.guidance import LORA_SCALES
+from ..models.group_norm_stats import TWO_PASS_COMPONENTS, TWO_PASS_OF, add_whole_image_stats, graph_modules
 from .degradation import Degradation
 
 DEFAULT_CALIB = "builtin"
@@ -129,19 +130,31 @@ def builtin_photos_available() -> bool:
 
 
 def capture_inputs(reference, specs: dict, tiles: torch.Tensor, progress=None) -> dict[str, dict[str, np.ndarray]]:
-    """Run the fp32 reference on every tile; component -> input name -> (N, ...) float32."""
+    """Run the fp32 reference on every tile; component -> input name -> (N, ...) float32 (an
+    adjustable UNet's N: tiles x the coefficient sets it is calibrated at)."""
     wanted = {name: spec.input_names for name, spec in specs.items()}
     out: dict[str, dict[str, list]] = {name: {i: [] for i in inputs} for name, inputs in wanted.items()}
     step = max(1, math.ceil(len(tiles) / 4))
     modules = graph_modules(reference)
+    # an adjustable UNet is calibrated in both modes: each tile at every (a, b) it runs by default
+    coefficients = [torch.tensor([c]) for c in reference.calibration_coefficients()] if (
+        getattr(getattr(reference, "settings", None), "guidance", None) == "adjustable") else []
     for k in range(len(tiles)):
         env, _ = reference.stage_tensors(tiles[k:k + 1])
         add_whole_image_stats(env, modules, specs)  # two-pass VAE graphs: one tile is its own pool
         for component, inputs in wanted.items():
-            for name in inputs:
-                if name not in env:
-                    raise RuntimeError(f"the reference has no tensor {name!r} for {component}'s input")
-                out[component][name].append(env[name].detach().float().cpu().numpy())
+            variants = [{LORA_SCALES: c} for c in coefficients] if LORA_SCALES in inputs and coefficients else [{}]
+            if variants != [{}] and any(n.endswith("_norm_stats") for n in inputs):
+                # the pooled graph's statistics are those of the (a, b) it runs at: its own stats pass's
+                stats_module = modules[TWO_PASS_OF[TWO_PASS_COMPONENTS[component][0]][0]]
+                variants = [dict(v, **{n: stats_module(env["latent"], v[LORA_SCALES])
+                                       for n in inputs if n.endswith("_norm_stats")}) for v in variants]
+            for variant in variants:
+                for name in inputs:
+                    value = variant.get(name, env.get(name))
+                    if value is None:
+                        raise RuntimeError(f"the reference has no tensor {name!r} for {component}'s input")
+                    out[component][name].append(value.detach().float().cpu().numpy())
         if progress is not None and ((k + 1) % step == 0 or k + 1 == len(tiles)):
             progress(f"calibration: {k + 1}/{len(tiles)} tiles through the fp32 reference")
     return {c: {n: np.concatenate(v) for n, v in inputs.items()} for c, inputs in out.items()}

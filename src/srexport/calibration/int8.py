@@ -43,6 +43,9 @@ SENSITIVE: dict[str, str] = {
     r"(^|/)conv_out/": "last conv: writes the image / noise prediction directly",
     r"(^|/)quant_conv/|(^|/)post_quant_conv/": "VAE latent convs: the latent itself",
     r"(^|/)time_embedding/|(^|/)time_emb_proj/|(^|/)time_proj/": "time embedding (one vector per step)",
+    # PiSA-SR adjustable (models/pisa_branches.py): what the per-call coefficients scale
+    r"/lora_mix/": "LoRA branch coefficients: per-call inputs, kept exact",
+    r"/lora_up/": "LoRA up-projection: its input scales with the per-call coefficients, beyond any calibrated range",
 }
 
 

@@ -34,6 +34,7 @@ import torch
 
 from ..errors import QualityError, UserError
 from ..models.group_norm_stats import TWO_PASS_COMPONENTS, add_whole_image_stats, graph_modules, statistics_nodes
+from ..models.pisa_branches import coefficient_nodes
 from .capture import CalibrationSettings, builtin_photos_available
 
 from ..artifact.precisions import DEFAULT_PRECISION, GRAPH_PRECISIONS as PRECISIONS  # noqa: F401
@@ -181,11 +182,14 @@ def convert_graphs(folder: Path, manifest: dict, reference, options: PrecisionOp
                 model = onnx.load(str(fp32_path), load_external_data=True)
                 keep = overflow_nodes(model, peaks)
                 statistics = statistics_nodes(model) if name in TWO_PASS_COMPONENTS else []
-                model = convert_to_fp16(model, sorted(set(keep) | set(statistics)), large=large)
+                mixing = coefficient_nodes(model)  # an adjustable UNet's (a, b) multiplies stay fp32
+                model = convert_to_fp16(model, sorted(set(keep) | set(statistics) | set(mixing)), large=large)
                 details[name] = {"kept_fp32_nodes": keep, "fp32_ops": fp32_nodes(model),
                                  "fp32_activation_peak": round(peak, 3)}
                 if statistics:
                     details[name]["groupnorm_statistics_fp32_nodes"] = len(statistics)
+                if mixing:
+                    details[name]["lora_coefficient_fp32_nodes"] = len(mixing)
                 if made != precision:
                     details[name]["precision"] = f"{made} ({_REGISTRY[precision].stage_precisions[spec.stage][1]})"
                 note = (f"largest fp32 activation {peak:.3g}; kept fp32: {sum(details[name]['fp32_ops'].values())} "
@@ -197,8 +201,9 @@ def convert_graphs(folder: Path, manifest: dict, reference, options: PrecisionOp
                 del model
                 cache = _range_cache(calibration, fp32_path, f"int8-{options.method}") or work / "ranges.json"
                 activation_ranges(fp32_path, inputs[name], work, method=options.method, cache=cache)
-                keep = statistics_nodes(onnx.load(str(fp32_path), load_external_data=False)) if (
-                    name in TWO_PASS_COMPONENTS) else []
+                graph = onnx.load(str(fp32_path), load_external_data=False)
+                keep = (statistics_nodes(graph) if name in TWO_PASS_COMPONENTS else []) + coefficient_nodes(graph)
+                del graph
                 model = quantize_int8(fp32_path, folder / f"{name}.onnx", cache, exclude=list(excluded),
                                       method=options.method, large=large, keep_fp32=keep)
                 summary = qdq_summary(model)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from .. import __version__
+from ..artifact.guidance import s3diff_guidance_section
 from ..models.configs import VAE_SCALING_FACTOR
 from ..models.sources import demo_description
 from ..samples import sample_image
@@ -23,8 +24,8 @@ from ..artifact.specs import ComponentSpec, degradation_spec, unet_spec, vae_dec
 def s3diff_specs(settings: S3DiffSettings) -> dict[str, ComponentSpec]:
     dynamic = settings.dynamic
     lora = "LoRA modulated by the scores input" if dynamic else f"LoRA merged for fixed scores {settings.degradation}"
-    guidance = ("positive and negative prompts as one batch of 2B, eps = neg + cfg * (pos - neg), cfg the per-image input cfg_scale"
-                if settings.cfg_scale != 1.0 else "positive prompt only (cfg 1.0)")
+    guidance = ("positive and negative prompts as one batch of 2B, eps = neg + cfg * (pos - neg), cfg the "
+                "per-image input cfg_scale" if settings.cfg_scale != 1.0 else "positive prompt only (cfg 1.0)")
     specs = {"degradation": degradation_spec()} if dynamic else {}
     specs["vae_encoder"] = vae_encoder_spec(with_scores=dynamic)
     specs["unet"] = unet_spec("unet", with_scores=dynamic, with_cfg=settings.cfg_scale != 1.0, description=(
@@ -70,10 +71,7 @@ def prepare_s3diff(source, loaded, settings: S3DiffSettings, progress: Progress)
         "processing": reference.processing.to_dict(),
         "latent": {"encoder_output": "posterior mean (upstream samples)", "scaling_factor": VAE_SCALING_FACTOR,
                    "vae_factor": 8},
-        "guidance": {"cfg_scale": settings.cfg_scale, "batched": settings.cfg_scale != 1.0,
-                     "cfg_input": "cfg_scale" if settings.cfg_scale != 1.0 else None,
-                     "positive_prompt": POSITIVE_PROMPT,
-                     "negative_prompt": NEGATIVE_PROMPT if settings.cfg_scale != 1.0 else None},
+        "guidance": s3diff_guidance_section(settings.cfg_scale, POSITIVE_PROMPT, NEGATIVE_PROMPT),
         "schedule": {"timestep": schedule.timestep, "alpha_cumprod": schedule.alpha_cumprod,
                      "clip_sample_range": schedule.clip_range,
                      "description": "one DDPM step x0 = (z - sqrt(1-a) * eps) / sqrt(a) with a = alpha_cumprod, "

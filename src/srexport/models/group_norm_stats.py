@@ -52,6 +52,9 @@ TWO_PASS_COMPONENTS = {graph: (plain, kind) for plain, graphs in _ALL_GRAPHS.ite
 _STATISTICS_NODE = re.compile(r"(/(norm|norm1|norm2|group_norm|conv_norm_out)/[^/]+|^/[^/]+)$")
 
 
+AFTER_THE_NORMS = frozenset({"cfg_scale"})  # inputs no GroupNorm's statistics depend on
+
+
 def tile_stats_name(plain: str) -> str:
     return f"{TWO_PASS_OF[plain][2]}_tile_stats"
 
@@ -276,8 +279,11 @@ def two_pass_specs(specs: dict[str, ComponentSpec], modules: dict[str, nn.Module
         # positive sample values: a variance input must be >= 0
         given = TensorSpec(norm_stats_name(plain), dims, value_range=(0.5, 1.5))
         what = f"{calls} GroupNorms x {groups} groups x (mean, variance)"
+        # inputs used after the last GroupNorm only (S3Diff's cfg scale mixes the UNet's outputs)
+        # are not the statistics graph's: the export drops them
+        stats_inputs = tuple(t for t in spec.inputs if t.name not in AFTER_THE_NORMS)
         out[stats_name] = ComponentSpec(
-            stats_name, spec.inputs, (tile_stats,),
+            stats_name, stats_inputs, (tile_stats,),
             f"tiled {plain}, statistics pass: a tile -> its GroupNorm statistics ({what}), each GroupNorm "
             f"normalising with the tile's own; {plain}'s computation up to its last GroupNorm",
             spec.size_multiple, stage=spec.stage)

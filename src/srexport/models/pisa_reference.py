@@ -155,6 +155,9 @@ class PisaReference(nn.Module):
         """How the runtime combines the UNet graphs' outputs (as S3DiffReference.denoise_plan)."""
         return self.settings.denoise_plan()
 
+    def calibration_coefficients(self) -> list[tuple[float, float]]:
+        return self.settings.calibration_coefficients()
+
     # --- the reference pipeline ------------------------------------------------
 
     def preprocess(self, lr: torch.Tensor) -> Prepared:
