@@ -14,7 +14,7 @@ alternated, with PyTorch eager and onnxruntime (CPU), fp32:
 
     python benchmarks/pisa_guidance_cost.py [--size 256] [--iters 3]
 
-Writes benchmarks/results/pisa_guidance_cost_<arch>_cpu<N>.json. Needs ~12 GB RAM.
+Writes benchmarks/results/pisa_guidance_cost_<arch>_<size>px_cpu<N>.json. Needs ~18 GB RAM.
 """
 
 from __future__ import annotations
@@ -56,6 +56,19 @@ def make_unets(arch: str):
         ref = PisaReference(dataclasses.replace(base, unet=unet), ckpt, settings)
         out[guidance] = (ref.unets["unet"], pisa_specs(settings)["unet"])
         del ref
+    # a candidate form: dW_pix merged into the base (a is 1 in both modes), only dW_sem a branch
+    from srexport.models.lora import add_deltas
+    from srexport.models.pisa import branch_deltas
+    from srexport.models.pisa_branches import AdjustableDenoiser, install_branches
+
+    unet = copy.deepcopy(out["merged"][0].unet)
+    build = build_base(arch, seed=0)  # W0 again (the merged copy holds W0 + dW_pix + t dW_sem)
+    unet.load_state_dict(build.unet.state_dict())
+    add_deltas(unet, branch_deltas(ckpt, build.unet, "pix"))
+    del build
+    coefficients = install_branches(unet, ckpt, branches=("sem",))
+    denoiser = AdjustableDenoiser(unet, coefficients, out["merged"][0].prompt_embeds, 1)
+    out["sem-branch"] = (denoiser.eval().requires_grad_(False), out["adjustable"][1])
     return out
 
 
@@ -84,11 +97,13 @@ def main() -> None:
     }
 
     def calls(runners):
-        merged, adjustable = runners["merged"], runners["adjustable"]
+        merged, adjustable, sem = runners["merged"], runners["adjustable"], runners["sem-branch"]
         return {"merged": lambda: merged(feeds["merged"]),
                 "adjustable-merged": lambda: adjustable(feeds["adjustable-merged"]),
+                "sem-branch-merged": lambda: sem(feeds["adjustable-merged"]),
                 "exact": lambda: (merged(feeds["merged"]), merged(feeds["merged"])),  # W_pix, then W_sem
-                "adjustable-exact": lambda: adjustable(feeds["adjustable-exact"])}
+                "adjustable-exact": lambda: adjustable(feeds["adjustable-exact"]),
+                "sem-branch-exact": lambda: sem(feeds["adjustable-exact"])}
 
     with tempfile.TemporaryDirectory(prefix="pisa-guidance-cost-") as tmp:
         runners = {k: TorchRunner(module, spec) for k, (module, spec) in unets.items()}
@@ -97,6 +112,8 @@ def main() -> None:
         merged_out = runners["merged"](feeds["merged"])["denoised"]
         adjustable_out = runners["adjustable"](feeds["adjustable-merged"])["denoised"]
         agreement = float(((1 - 0.8) * latent + 0.8 * adjustable_out - merged_out).abs().max())
+        sem_agreement = float((runners["sem-branch"](feeds["adjustable-merged"])["denoised"] - adjustable_out
+                               ).abs().max())
         del runners
         paths = {}
         for kind, (module, spec) in unets.items():
@@ -117,6 +134,8 @@ def main() -> None:
     ratios = {
         "adjustable_merged_over_merged": {b: med["adjustable-merged"][b] / med["merged"][b] for b in med["merged"]},
         "adjustable_exact_over_exact": {b: med["adjustable-exact"][b] / med["exact"][b] for b in med["merged"]},
+        "sem_branch_merged_over_merged": {b: med["sem-branch-merged"][b] / med["merged"][b] for b in med["merged"]},
+        "sem_branch_exact_over_exact": {b: med["sem-branch-exact"][b] / med["exact"][b] for b in med["merged"]},
     }
     out = {
         "benchmark": "PiSA-SR UNet z0 (fp32, CPU): adjustable graph (LoRA as per-sample branches) vs merged weights",
@@ -127,9 +146,10 @@ def main() -> None:
                     "torch": torch.__version__},
         "seconds": {"torch": torch_times, "onnxruntime": ort_times}, "median_s": med, "ratios": ratios,
         "graph_mib": sizes, "torch_max_abs_adjustable_merged_vs_merged": agreement,
+        "torch_max_abs_sem_branch_vs_adjustable": sem_agreement,
     }
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"pisa_guidance_cost_{args.arch}_cpu{os.cpu_count()}.json"
+    path = RESULTS / f"pisa_guidance_cost_{args.arch}_{args.size}px_cpu{os.cpu_count()}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({"median_s": med, "ratios": ratios}, indent=2))
     print(path)

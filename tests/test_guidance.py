@@ -344,3 +344,20 @@ def test_cli_run_takes_scales_and_refuses_bad_ones(adjustable_artifact, demo_art
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
         assert not target.exists()
+
+
+def test_cli_check_and_bench_take_the_same_options(adjustable_artifact, tmp_path, capsys):
+    from srexport.cli import main
+
+    assert main(["check", str(adjustable_artifact), "--lambda-pix", "0.8", "--lambda-sem", "0.5",
+                 "--guidance", "exact"]) == 0
+    out = capsys.readouterr().out
+    assert "lambda_pix=0.8, lambda_sem=0.5 (exact)" in out and "all parity bounds hold" in out
+    report = tmp_path / "bench.json"
+    assert main(["bench", str(adjustable_artifact), "--backends", "ort", "--iters", "1", "--warmup", "0",
+                 "--inputs", "1", "--lambda-pix", "0.8", "--lambda-sem", "0.5", "--json", str(report)]) == 0
+    config = json.loads(report.read_text())["config"]
+    assert config["guidance"] == {"lambda_pix": 0.8, "lambda_sem": 0.5, "mode": "merged"}
+    capsys.readouterr()
+    assert main(["check", str(adjustable_artifact), "--cfg-scale", "1.1"]) == 2
+    assert "does not apply to a pisa-sr artifact" in capsys.readouterr().err

@@ -8,8 +8,11 @@ def load(artifact, backend: str = "ort", threads: int | None = None):
 
     ``pipeline(lr)`` takes a (1,3,h,w) float tensor in [0,1] (or an HxWx3 uint8
     array) and returns (1,3,H,W) in [0,1]; ``pipeline.upscale(pil_image)`` maps
-    PIL to PIL. Calls on one pipeline are serialised by a lock, so sharing it
-    between threads is safe; for parallel throughput keep one per worker.
+    PIL to PIL. Both take the call's guidance as keywords where the artifact allows
+    it: ``lambda_pix``, ``lambda_sem``, ``guidance`` ("merged" | "exact") for PiSA-SR,
+    ``cfg_scale`` and ``degradation`` ((blur, noise) scores) for S3Diff. Calls on one
+    pipeline are serialised by a lock, so sharing it between threads is safe; for
+    parallel throughput keep one per worker.
     """
     from .runtime.loading import load_pipeline
 

@@ -96,21 +96,20 @@ class BranchedConv2d(nn.Module):
         return self.base_layer(x) + self.lora_up(self.lora_mix(self.lora_down(x)))
 
 
-def install_branches(unet: nn.Module, ckpt) -> Coefficients:
-    """Wrap every LoRA target of ``unet`` (in place) in a two-branch layer with the checkpoint's
-    pix and sem pairs, scaling folded into the up-projection; returns the coefficients holder."""
+def install_branches(unet: nn.Module, ckpt, branches: tuple[str, ...] = ("pix", "sem")) -> Coefficients:
+    """Wrap every LoRA target of ``unet`` (in place) in a branched layer with the checkpoint's pairs
+    of ``branches`` (the others' coefficient multiplies nothing: their deltas are the caller's to
+    merge), scaling folded into the up-projection; returns the coefficients holder."""
     coefficients = Coefficients()
-    pix, sem = ckpt.pairs("pix"), ckpt.pairs("sem")
-    if pix.keys() != sem.keys():  # upstream's rule selects the same modules for both branches
-        only = sorted(pix.keys() ^ sem.keys())
+    pairs = {branch: ckpt.pairs(branch) for branch in ("pix", "sem")}
+    if pairs["pix"].keys() != pairs["sem"].keys():  # upstream's rule selects the same modules for both
+        only = sorted(pairs["pix"].keys() ^ pairs["sem"].keys())
         raise ValueError(f"the pix and sem LoRA sets cover different modules (e.g. {only[0]})")
-    s_pix, s_sem = ckpt.scaling("pix"), ckpt.scaling("sem")
-    ranks = (ckpt.ranks["pix"], ckpt.ranks["sem"])
-    for name in pix:
+    ranks = tuple(ckpt.ranks[b] if b in branches else 0 for b in ("pix", "sem"))
+    for name in pairs["pix"]:
         base = unet.get_submodule(name)
-        (a_pix, b_pix), (a_sem, b_sem) = pix[name], sem[name]
-        a = torch.cat([a_pix, a_sem]).to(base.weight.dtype)
-        b = torch.cat([b_pix * s_pix, b_sem * s_sem], dim=1).to(base.weight.dtype)
+        a = torch.cat([pairs[b][name][0] for b in branches]).to(base.weight.dtype)
+        b = torch.cat([pairs[br][name][1] * ckpt.scaling(br) for br in branches], dim=1).to(base.weight.dtype)
         mix = LoraMix(ranks, coefficients)
         wrapper = (BranchedLinear if isinstance(base, nn.Linear) else BranchedConv2d)(base, a, b, mix)
         parent_name, _, child = name.rpartition(".")

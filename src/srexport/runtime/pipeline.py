@@ -287,7 +287,9 @@ class SRPipeline:
         from ..artifact.tile_settings import UNET_TWO_PASS_GRAPHS, check_unet_norm
 
         check_unet_norm(self.manifest, method)
-        terms = list(dict.fromkeys(t["component"] for t in self.denoise_plan["terms"]))
+        # every UNet graph a call's plan may name, not only the default plan's
+        terms = (self.manifest.get("guidance") or {}).get("unets") or list(
+            dict.fromkeys(t["component"] for t in self.denoise_plan["terms"]))
         missing = [g for c in terms for g in UNET_TWO_PASS_GRAPHS[c] if g not in self.runners] if (
             method == "coarse" and self.runners) else []
         if missing:
