@@ -312,6 +312,13 @@ def test_fp16_keeps_the_coefficients_in_fp32(adjustable_artifact):
     kept_muls = [n for n in converted.graph.node if n.name in {m.name for m in muls}]
     # each multiply reads the low-rank activations through a Cast to float32
     assert all(made_by[n.input[0]].op_type == "Cast" for n in kept_muls)
+    from srexport.calibration.int8 import sensitive_nodes
+
+    excluded = sensitive_nodes(model)  # int8: the up-projections and the (a, b) expansion stay float
+    ups = [n.name for n in model.graph.node if "/lora_up/" in n.name and n.op_type in ("Conv", "MatMul")]
+    assert len(ups) == 258 and all(n in excluded for n in ups)
+    assert sum("per-call coefficients" in excluded[n] for n in ups) >= 256  # conv_in/out's own rule comes first
+    assert all(n.name in excluded for n in mixes)
 
 
 # --- the command line --------------------------------------------------------------------------
