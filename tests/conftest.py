@@ -47,6 +47,38 @@ def demo_artifact(tmp_path_factory, demo_source):
     return out
 
 
+@pytest.fixture(scope="session")
+def adjustable_artifact(tmp_path_factory):
+    """An fp32 demo artifact built with --guidance adjustable (plain graphs only, to stay cheap)."""
+    from srexport.cli import main
+
+    out = tmp_path_factory.mktemp("artifacts") / "pisa-adjustable"
+    assert main(["build", "--guidance", "adjustable", "--process-size", "128", "--precision", "fp32",
+                 "--vae-norm", "per-tile", "--unet-norm", "per-tile", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def s3diff_source():
+    from srexport.models.sources import demo_s3diff_source
+
+    return demo_s3diff_source()
+
+
+@pytest.fixture(scope="session")
+def s3diff_artifact(tmp_path_factory, s3diff_source):
+    from srexport.cli import main
+
+    out = tmp_path_factory.mktemp("artifacts") / "s3diff-demo"
+    assert main(["build", "--model", "s3diff", "--precision", "fp32", "--vae-norm", "per-tile", "--unet-norm", "per-tile", "--out", str(out),
+                 "--quiet"]) == 0
+    from srexport.artifact.manifest import load_artifact
+    from srexport.runtime.loading import reference_for
+
+    art = load_artifact(out)
+    return art, reference_for(art)
+
+
 @pytest.fixture
 def small_lr():
     """A 24x32 crop of the built-in sample: small, real, deterministic."""
@@ -55,21 +87,27 @@ def small_lr():
     return sample_image()[..., 8:32, 4:36].contiguous()
 
 
-@pytest.fixture
-def retiled_demo(demo_artifact, tmp_path):
-    """``make(**settings)``: a copy of the demo artifact whose manifest records these tiling settings
-    (artifact.tile_settings.TilingSettings), for tests that need images to tile at small sizes."""
+@pytest.fixture(scope="session")
+def retile(tmp_path_factory):
+    """``retile(artifact, **settings)``: a copy of an artifact folder whose manifest records these tiling
+    settings (artifact.tile_settings.TilingSettings), for tests that need images to tile at small sizes."""
     import json
     import shutil
 
     from srexport.artifact.tile_settings import TilingSettings, tiling_section
 
-    def make(**settings):
-        folder = tmp_path / "retiled"
-        shutil.copytree(demo_artifact, folder)
+    def make(artifact, folder=None, **settings):
+        folder = folder or tmp_path_factory.mktemp("retiled") / "artifact"
+        shutil.copytree(artifact, folder)
         manifest = json.loads((folder / "manifest.json").read_text())
         manifest["tiling"] = tiling_section(TilingSettings(**settings))
         (folder / "manifest.json").write_text(json.dumps(manifest))
         return folder
 
     return make
+
+
+@pytest.fixture
+def retiled_demo(demo_artifact, retile, tmp_path):
+    """``make(**settings)``: ``retile`` of the demo artifact."""
+    return lambda **settings: retile(demo_artifact, tmp_path / "retiled", **settings)

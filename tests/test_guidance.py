@@ -33,17 +33,6 @@ def _upstream_exact(exact_ref, z, lp, ls):
 
 
 @pytest.fixture(scope="module")
-def adjustable_artifact(tmp_path_factory):
-    """An fp32 demo artifact built with --guidance adjustable (plain graphs only, to stay cheap)."""
-    from srexport.cli import main
-
-    out = tmp_path_factory.mktemp("artifacts") / "pisa-adjustable"
-    assert main(["build", "--guidance", "adjustable", "--process-size", "128", "--precision", "fp32",
-                 "--vae-norm", "per-tile", "--unet-norm", "per-tile", "--out", str(out), "--quiet"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def exact_reference(demo_source):
     with torch.no_grad():
         return _reference(demo_source, guidance="exact")

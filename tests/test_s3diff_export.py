@@ -10,25 +10,6 @@ from srexport.parity import compare
 
 
 @pytest.fixture(scope="session")
-def s3diff_source():
-    from srexport.models.sources import demo_s3diff_source
-
-    return demo_s3diff_source()
-
-
-@pytest.fixture(scope="session")
-def s3diff_artifact(tmp_path_factory, s3diff_source):
-    out = tmp_path_factory.mktemp("artifacts") / "s3diff-demo"
-    assert main(["build", "--model", "s3diff", "--precision", "fp32", "--vae-norm", "per-tile", "--unet-norm", "per-tile", "--out", str(out),
-                 "--quiet"]) == 0
-    from srexport.artifact.manifest import load_artifact
-    from srexport.runtime.loading import reference_for
-
-    art = load_artifact(out)
-    return art, reference_for(art)
-
-
-@pytest.fixture(scope="session")
 def s3diff_fp16_artifact(tmp_path_factory, s3diff_source):
     """The README's demo build with its defaults (fp16, coarse VAE statistics), through the CLI, but
     per-tile UNet statistics: the UNet's statistics graphs would double the build's time here

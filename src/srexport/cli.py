@@ -168,6 +168,42 @@ def _build_parser() -> argparse.ArgumentParser:
                         "amplified difference")
     _add_guidance_options(c)
 
+    tr = sub.add_parser(
+        "triton", help="write a Triton Inference Server model repository for an artifact",
+        description=(
+            "Write a Triton model repository: one model per component (config.pbtxt from its spec, dynamic "
+            "batching) and the orchestrator 'srexport' (Python backend): an image in, the upscaled image out, "
+            "running srexport's pipeline (tiling, blending, processing, guidance) with the component calls going "
+            "to the component models through BLS, so tiles of concurrent requests share batches. Python-backend "
+            "models refer to the artifact by its absolute path (its files' sha256 are verified when they load); "
+            "native models get copies of the graphs or engines."))
+    tr.add_argument("artifact", type=Path)
+    tr.add_argument("--out", type=Path, required=True, help="the repository folder to write")
+    tr.add_argument("--backend", choices=["ort", "ort-cuda", "trt"], default="ort",
+                    help="what computes the components: onnxruntime CPU or CUDA, or the artifact's TensorRT engines "
+                         "(default: ort)")
+    tr.add_argument("--components", choices=["python", "native"], default="python",
+                    help="python: each component in a Python-backend model on the srexport backend (runs with the "
+                         "serve extra's tritonserver, CPU included); native: Triton's own onnxruntime_onnx or "
+                         "tensorrt_plan models, for NGC's Triton containers on GPU nodes (default: python)")
+    tr.add_argument("--instances", type=int, default=1, help="orchestrator instances (default: 1)")
+    tr.add_argument("--component-instances", type=int, default=1, help="instances of each component model (default: 1)")
+    tr.add_argument("--max-batch-size", type=int, default=None,
+                    help="component models' max_batch_size (default: the pipeline's tile batch per call times "
+                         "--instances, so every orchestrator's calls can share a batch)")
+    tr.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads per component model")
+    tr.add_argument("--max-output-mp", type=float, default=64.0,
+                    help="requests whose output would exceed this many megapixels are refused (default: 64)")
+    tr.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    sv = sub.add_parser("serve", help="start the serve extra's tritonserver on a repository written by 'triton'")
+    sv.add_argument("repository", type=Path)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sv.add_argument("--http-port", type=int, default=8000)
+    sv.add_argument("--grpc-port", type=int, default=8001)
+    sv.add_argument("--metrics-port", type=int, default=8002)
+    sv.add_argument("--log", type=Path, default=None, help="write tritonserver's log to this file")
+
     bn = sub.add_parser(
         "bench", help="latency per stage against the PyTorch reference, with parity, as tables, JSON and a plot",
         description=(
@@ -784,12 +820,49 @@ def cmd_bench(args) -> int:
     return 0 if report["passed"] else EXIT_PARITY_FAILED
 
 
+def cmd_triton(args) -> int:
+    from .serving.repository import write_repository
+
+    if args.threads is not None:
+        _check_threads(args.threads, "--threads")
+    out = write_repository(args.artifact, args.out, args.backend, args.components, args.instances,
+                           args.component_instances, args.max_batch_size, args.threads, args.max_output_mp,
+                           args.force)
+    print(out)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import time
+
+    from .serving.launcher import TritonServer, check_repository
+
+    check_repository(args.repository)
+    server = TritonServer(args.repository, args.host, args.http_port, args.grpc_port, args.metrics_port,
+                          log_file=args.log)
+    print(f"starting tritonserver on {args.repository} ...", file=sys.stderr, flush=True)
+    with server:
+        for name, url in server.endpoints.items():
+            print(f"{name:<8} {url}", flush=True)
+        print("ready; Ctrl-C stops it", file=sys.stderr, flush=True)
+        try:
+            while server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt as e:
+            if type(e) is not KeyboardInterrupt:  # SIGTERM: main reports it
+                raise
+            print("stopping tritonserver", file=sys.stderr, flush=True)
+            return 0
+        raise UserError(f"tritonserver exited with status {server.process.returncode}; pass --log FILE to see why")
+
+
 COMMANDS = {"build": cmd_build, "run": cmd_run, "check": cmd_check, "bench": cmd_bench, "inspect": cmd_inspect,
-            "engines": cmd_engines}
+            "engines": cmd_engines, "triton": cmd_triton, "serve": cmd_serve}
 
 
 # What an interrupted command leaves: every write is atomic (a temporary name, then a rename).
-INTERRUPTED = {"build": "nothing was written", "engines": "the artifact is as it was",
+INTERRUPTED = {"build": "nothing was written", "engines": "the artifact is as it was", "triton": "nothing was written",
+               "serve": "tritonserver was stopped",
                "run": "images finished before it are complete; nothing half-written was left"}
 
 

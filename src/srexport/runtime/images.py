@@ -6,6 +6,7 @@ Conversion to RGB float in [0,1]:
 - palette (P) through its palette; CMYK/YCbCr/LAB through Pillow's conversion;
 - 16-bit (I;16*) and 32-bit integer (I) greyscale scaled by 1/65535, float (F)
   clipped to [0,1]; 16-bit-per-channel colour PNGs are read by Pillow as 8-bit.
+An EXIF orientation (phone photos) is applied first, so the image is upright.
 Writes are atomic (temporary file in the same folder, then rename).
 """
 
@@ -25,7 +26,21 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
 
 
+# EXIF orientations that swap width and height (transposed, rotated 90 or 270 degrees)
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+_ORIENTATION_TAG = 0x0112
+
+
+def upright(image):
+    """The image turned as its EXIF orientation says (a copy), or itself when it has none."""
+    from PIL import ImageOps
+
+    orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+    return ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
+
+
 def pil_to_tensor(image) -> torch.Tensor:
+    image = upright(image)
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         grey = np.asarray(image, dtype=np.float64) / 65535.0
@@ -54,8 +69,26 @@ def load_image(path: str | Path) -> torch.Tensor:
         raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} (truncated or corrupt?)") from None
 
 
+def decode_image(data: bytes, what: str = "the image bytes") -> torch.Tensor:
+    """An encoded image (PNG, JPEG, ...) in memory -> (1,3,h,w) float32 in [0,1], upright."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return pil_to_tensor(image)
+    except UnidentifiedImageError:
+        raise UserError(f"{what} are not an image Pillow can read; send a PNG, JPEG, TIFF, BMP or WebP file") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot decode {what}: {reason} (truncated or corrupt?)") from None
+
+
 def probe_image(path: str | Path) -> tuple[int, int]:
-    """(height, width) from the header alone, failing like ``load_image`` on non-images."""
+    """(height, width) from the header alone, upright (its EXIF orientation applied), failing like
+    ``load_image`` on non-images."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -63,7 +96,8 @@ def probe_image(path: str | Path) -> tuple[int, int]:
         raise UserError(f"input {path} does not exist")
     try:
         with Image.open(path) as image:
-            return image.height, image.width
+            swapped = image.getexif().get(_ORIENTATION_TAG, 1) in _SWAPPING_ORIENTATIONS
+            return (image.width, image.height) if swapped else (image.height, image.width)
     except UnidentifiedImageError:
         raise UserError(f"{path} is not an image Pillow can read; pass a PNG, JPEG, TIFF, BMP or WebP file") from None
     except (OSError, SyntaxError, ValueError) as e:

@@ -34,3 +34,23 @@ def load_pipeline(artifact: str | Path, backend: str = "ort", threads: int | Non
     else:
         runners = torch_runners(art, reference if reference is not None else reference_for(art))
     return SRPipeline(art.manifest, runners)
+
+
+def component_runner(artifact, name: str, backend: str = "ort", threads: int | None = None):
+    """One component's runner on a backend (a serving process that runs one graph)."""
+    check_backend(backend)
+    if backend == "ort":
+        from .runners import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(artifact.component_file(name), artifact.components[name], threads=threads)
+    if backend == "ort-cuda":
+        from .ort_cuda import OrtCudaRunner, require_ort_cuda
+
+        require_ort_cuda()
+        return OrtCudaRunner(artifact.component_file(name), artifact.components[name],
+                             int(artifact.manifest["processing"]["scale"]), cuda_graphs=False)
+    if backend == "trt":
+        from .trt_runner import trt_runners
+
+        return trt_runners(artifact, cuda_graphs=False)[name]
+    raise ValueError(f"a component runs on ort, ort-cuda or trt, not {backend}")
