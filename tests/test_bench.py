@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import numpy as np
@@ -55,6 +54,7 @@ def one_torch_thread():
 
 def test_bench_cli_table_json_plot(demo_artifact, shared_reference, tmp_path, capsys):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    threads = torch.get_num_threads()
     # One torch thread: on a busy 2-core runner, torch's thread pool waiting at every small op's
     # barrier makes the tiny demo 10-50x slower; the report records the setting.
     status = main(["bench", str(demo_artifact), "--backends", "torch,ort,trt", "--sizes", "16,40x32",
@@ -78,7 +78,7 @@ def test_bench_cli_table_json_plot(demo_artifact, shared_reference, tmp_path, ca
     assert variants["trt"]["reason"]  # TensorRT missing here, or no engines in the artifact: said in one line
     assert report["baseline"] == "torch" and report["passed"] and report["failures"] == []
     assert report["config"]["torch_threads"] == 1
-    assert torch.get_num_threads() == max(1, os.cpu_count() or 1)  # restored after the run
+    assert torch.get_num_threads() == threads  # restored after the run
 
     assert [s["lr_size"] for s in report["sizes"]] == [[16, 16], [40, 32]]
     for size in report["sizes"]:

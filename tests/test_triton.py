@@ -5,7 +5,9 @@ run``, concurrent clients whose tiles share batches, and bad requests that leave
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
+import os
 import socket
 import urllib.request
 
@@ -116,12 +118,25 @@ def s3diff_served(s3diff_artifact, retile, tmp_path_factory):
         served.close()
 
 
+@contextlib.contextmanager
+def _as_a_process_runs():
+    """torch's thread count of a fresh process (the server's, ``srexport run``'s): a worker of the
+    parallel suite runs with fewer, and the colour fix's reductions round by the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _run(artifact, image: np.ndarray, tmp_path, flags=()) -> np.ndarray:
     """What ``srexport run`` writes for this image, as HxWx3 uint8."""
     src, out = tmp_path / "in.png", tmp_path / "out.png"
     save_image(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255, src)
     # one onnxruntime thread, as the repository's component models run (--threads 1)
-    assert main(["run", str(artifact), str(src), "-o", str(out), "--force", "--threads", "1", *flags]) == 0
+    with _as_a_process_runs():
+        assert main(["run", str(artifact), str(src), "-o", str(out), "--force", "--threads", "1", *flags]) == 0
     return to_uint8_hwc(load_image(out))
 
 
@@ -166,7 +181,8 @@ def test_encoded_bytes_and_exif_orientation(pisa_served, tmp_path):
     answer = pisa_served.infer(data=path.read_bytes())
     assert answer.shape == (4 * 40, 4 * 32, 3)  # upright: width and height swapped
     out = tmp_path / "run.png"
-    assert main(["run", str(pisa_served.artifact), str(path), "-o", str(out), "--threads", "1"]) == 0
+    with _as_a_process_runs():
+        assert main(["run", str(pisa_served.artifact), str(path), "-o", str(out), "--threads", "1"]) == 0
     assert np.array_equal(answer, to_uint8_hwc(load_image(out)))
 
 
@@ -185,11 +201,12 @@ def test_concurrent_clients_each_get_their_own_answer_and_share_batches(pisa_ser
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = [a for result in pool.map(client, range(8)) for a in result]
     pipeline = load_pipeline(pisa_served.artifact, threads=1)
-    for (c, r, image, lp, ls), answer in answers:
-        lr = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-        # the server reads a float32 scale as its shortest decimal, as typed on a command line
-        assert np.array_equal(answer, to_uint8_hwc(pipeline(lr, lambda_pix=float(str(np.float32(lp))),
-                                                             lambda_sem=float(str(np.float32(ls)))))), (c, r)
+    with _as_a_process_runs():
+        expected = [to_uint8_hwc(pipeline(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255,
+                                          lambda_pix=float(str(np.float32(lp))), lambda_sem=float(str(np.float32(ls)))))
+                    for (c, r, image, lp, ls), _ in answers]  # a float32 scale is read as its shortest decimal
+    for ((c, r, *_), answer), want in zip(answers, expected):
+        assert np.array_equal(answer, want), (c, r)
     port = pisa_served.server.ports["http"]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/unet/stats") as response:
         stats = json.loads(response.read())["model_stats"][0]
