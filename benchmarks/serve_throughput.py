@@ -95,7 +95,10 @@ def _plot(report: dict, path: Path) -> None:
     b.axhline(base["p50_s"], color="grey", ls=":", label="srexport run, per image")
     a.set(xlabel="concurrent clients", ylabel="images / s", xscale="log", xticks=CLIENTS, xticklabels=CLIENTS)
     b.set(xlabel="concurrent clients", ylabel="latency (s)", xscale="log", xticks=CLIENTS, xticklabels=CLIENTS)
+    from matplotlib.ticker import NullFormatter
+
     for ax in (a, b):
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(f"srexport on tritonserver (demo, LR {report['lr_size']} px, {report['machine']['cores']} CPU cores)")

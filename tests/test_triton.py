@@ -166,6 +166,9 @@ def test_answers_equal_srexport_run_byte_for_byte(pisa_served, s3diff_served, pr
     flags = ["--lambda-pix", "0.8", "--lambda-sem", "0.5", "--guidance", "exact"]
     answer = pisa_served.infer(image, protocol, LAMBDA_PIX=0.8, LAMBDA_SEM=0.5, GUIDANCE="exact")
     assert np.array_equal(answer, _run(pisa_served.artifact, image, tmp_path, flags))
+    answer = s3diff_served.infer(image, protocol, CFG_SCALE=1.2, DEGRADATION=[0.3, 0.1])
+    assert np.array_equal(answer, _run(s3diff_served.artifact, image, tmp_path,
+                                       ["--cfg-scale", "1.2", "--degradation", "0.3,0.1"]))
 
 
 def test_encoded_bytes_and_exif_orientation(pisa_served, tmp_path):
@@ -268,3 +271,62 @@ def test_cli_refusals(adjustable_artifact, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_the_client_example_and_serve_with_ctrl_c(pisa_served, tmp_path):
+    """examples/triton_client.py against the server; then ``srexport serve`` as a user starts it:
+    it prints the endpoints once ready, and Ctrl-C stops the server and exits 0."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from srexport.runtime.images import save_image
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "triton_client.py"
+    photo, out = tmp_path / "lr.png", tmp_path / "sr.png"
+    save_image(torch.from_numpy(_image(5, 32, 40)).permute(2, 0, 1)[None].float() / 255, photo)
+    for protocol, port in (("--http", "http"), ("--grpc", "grpc")):
+        flags = ["--grpc"] if protocol == "--grpc" else []
+        done = subprocess.run([sys.executable, str(example), str(photo), "-o", str(out), "--url",
+                               f"127.0.0.1:{pisa_served.server.ports[port]}", "--lambda-pix", "0.8", *flags],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert np.array_equal(to_uint8_hwc(load_image(out)), pisa_served.infer(_image(5, 32, 40), LAMBDA_PIX=0.8))
+    ports = _free_ports(3)
+    serve = subprocess.Popen([sys.executable, "-m", "srexport.cli", "serve", str(pisa_served.repo),
+                              "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
+                              "--metrics-port", str(ports[2])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        first = serve.stdout.readline()  # printed once the server is ready
+        assert first.startswith("http") and f"127.0.0.1:{ports[0]}" in first
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=5) as response:
+            assert response.status == 200
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=90) == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    try:  # the server is gone
+        urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=5)
+        gone = False
+    except OSError:
+        gone = True
+    assert gone
+
+
+def test_a_native_repository_holds_the_graphs_for_tritons_own_backends(demo_artifact, tmp_path):
+    """--components native: onnxruntime_onnx models with copies of the graphs (not run here: the
+    serve extra's tritonserver has only the Python backend)."""
+    from srexport.artifact.manifest import load_artifact, sha256_of
+    from srexport.serving.repository import write_repository
+
+    repo = write_repository(demo_artifact, tmp_path / "native", backend="ort-cuda", components="native")
+    artifact = load_artifact(demo_artifact)
+    for name, spec in artifact.components.items():
+        config = (repo / name / "config.pbtxt").read_text()
+        assert 'platform: "onnxruntime_onnx"' in config and "KIND_GPU" in config
+        assert all(f'name: "{t}"' in config for t in spec.input_names + spec.output_names)
+        assert sha256_of(repo / name / "1" / "model.onnx") == sha256_of(artifact.component_file(name))
+    assert 'backend: "python"' in (repo / "srexport" / "config.pbtxt").read_text()
