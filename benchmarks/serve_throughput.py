@@ -19,7 +19,6 @@ import concurrent.futures
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -32,16 +31,6 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 CLIENTS = (1, 2, 4, 8)
 INSTANCES = (1, 2)
-
-
-def _ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _images(count: int, size: int) -> list[np.ndarray]:
@@ -114,7 +103,7 @@ def main() -> None:
     args = ap.parse_args()
     from srexport.cli import main as cli
     from srexport.runtime.loading import load_pipeline
-    from srexport.serving.launcher import TritonServer
+    from srexport.serving.launcher import TritonServer, free_ports
     from srexport.serving.repository import write_repository
 
     images = _images(16, args.size)
@@ -138,7 +127,7 @@ def main() -> None:
         for instances in INSTANCES:
             repo = tmp / f"repo{instances}"
             write_repository(artifact, repo, instances=instances)
-            with TritonServer(repo, "127.0.0.1", *_ports(3), log_file=tmp / f"log{instances}.txt",
+            with TritonServer(repo, "127.0.0.1", *free_ports(3), log_file=tmp / f"log{instances}.txt",
                               exit_timeout=5) as server:
                 url = f"127.0.0.1:{server.ports['http']}"
                 _infer(url, images[0])  # warm-up: every model's first call

@@ -8,7 +8,6 @@ import concurrent.futures
 import contextlib
 import json
 import os
-import socket
 import urllib.request
 
 import numpy as np
@@ -22,19 +21,10 @@ grpc = pytest.importorskip("tritonclient.grpc", reason="needs the serve extra: p
 from srexport.cli import main  # noqa: E402
 from srexport.runtime.images import load_image, save_image  # noqa: E402
 from srexport.runtime.regions import to_uint8_hwc  # noqa: E402
+from srexport.serving.launcher import free_ports  # noqa: E402
 
 # small tiles, so a 48x40 LR image (192x160 output) tiles and a 32x32 one (128x128) runs whole
 TILING = dict(tile=128, overlap=32, batch=2, vae_tile=128, vae_overlap=32, vae_norm="per-tile", unet_norm="per-tile")
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _image(seed: int, height: int, width: int) -> np.ndarray:
@@ -85,7 +75,7 @@ def _serve(artifact, repo_args, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo") / "repository"
     assert main(["triton", str(artifact), "--out", str(repo), "--threads", "1", *repo_args]) == 0
     log = tmp_path_factory.mktemp("log") / "tritonserver.log"
-    return TritonServer(repo, "127.0.0.1", *_free_ports(3), log_file=log), repo
+    return TritonServer(repo, "127.0.0.1", *free_ports(3), log_file=log), repo
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +91,7 @@ def pisa_served(adjustable_artifact, retile, tmp_path_factory):
                                 fail_on_width={"vae_decoder": 5})
     from srexport.serving.launcher import TritonServer
 
-    server = TritonServer(repo, "127.0.0.1", *_free_ports(3), log_file=tmp_path_factory.mktemp("log") / "t.log")
+    server = TritonServer(repo, "127.0.0.1", *free_ports(3), log_file=tmp_path_factory.mktemp("log") / "t.log")
     with server:
         served = Served(artifact, repo, server)
         yield served
@@ -293,7 +283,7 @@ def test_the_client_example_and_serve_with_ctrl_c(pisa_served, tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert np.array_equal(to_uint8_hwc(load_image(out)), pisa_served.infer(_image(5, 32, 40), LAMBDA_PIX=0.8))
-    ports = _free_ports(3)
+    ports = free_ports(3)
     serve = subprocess.Popen([sys.executable, "-m", "srexport.cli", "serve", str(pisa_served.repo),
                               "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
                               "--metrics-port", str(ports[2])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -56,6 +56,21 @@ def check_repository(repo: Path) -> None:
                         "write one with: srexport triton ARTIFACT --out REPO")
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` ports the system has free on ``host`` now (for tests and benchmarks: a server
+    started right after gets them)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def _port_free(host: str, port: int) -> bool:
     import socket
 
