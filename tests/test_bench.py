@@ -14,7 +14,7 @@ from srexport.cli import main
 
 # The schema documented in srexport.bench (version 1): every level's keys.
 REPORT_KEYS = {"schema", "schema_version", "created", "srexport_version", "artifact", "machine", "config", "peaks",
-               "reference", "baseline", "variants", "sizes", "results", "failures", "passed"}
+               "cpu_rates", "reference", "baseline", "variants", "sizes", "results", "failures", "passed"}
 VARIANT_KEYS = {"name", "backend", "precision", "device", "timer", "baseline", "status", "reason"}
 SIZE_KEYS = {"lr_size", "model_input_size", "output_size", "tiled", "tile_plan", "calls", "cost", "cost_error"}
 COST_KEYS = {"flops", "other_flops", "weight_bytes", "io_bytes", "activation_bytes", "min_bytes", "flops_by_op",
@@ -78,6 +78,10 @@ def test_bench_cli_table_json_plot(demo_artifact, shared_reference, tmp_path, ca
     assert variants["trt"]["reason"]  # TensorRT missing here, or no engines in the artifact: said in one line
     assert report["baseline"] == "torch" and report["passed"] and report["failures"] == []
     assert report["config"]["torch_threads"] == 1
+    rates = report["cpu_rates"]  # this CPU's own limit, measured once
+    assert set(rates["gflops"]) <= {"fp32", "int8", "bf16"} and rates["gflops"]["fp32"] > 1
+    assert all(v > 0 for v in rates["gflops"].values()) and set(rates["method"]) == {"fp32", "int8", "bf16"}
+    assert "% CPU" in text
     assert torch.get_num_threads() == threads  # restored after the run
 
     assert [s["lr_size"] for s in report["sizes"]] == [[16, 16], [40, 32]]
@@ -103,6 +107,8 @@ def test_bench_cli_table_json_plot(demo_artifact, shared_reference, tmp_path, ca
         assert r["memory"]["device_used_peak_bytes"] is None  # CPU run
         assert set(r["parity"]) == PARITY_KEYS and r["parity"]["passed"] and r["parity"]["inputs_compared"] == 2
         assert set(r["roofline"]) == {"encode", "denoise", "decode"}
+        # CPU variants: each stage's achieved rate over this CPU's measured GEMM rate
+        assert all(0 < rl["cpu_fraction"] < 2 for rl in r["roofline"].values())
         assert r["speedup"]["end_to_end"] > 0
     # the torch fp32 baseline runs the reference's own modules: identical output, speedup 1
     assert results[("torch", (16, 16))]["parity"]["psnr_db"] is None

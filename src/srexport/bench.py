@@ -48,6 +48,8 @@ seconds, sizes are [width, height], memory is bytes, FLOPs are counts::
              torch_threads, seed, timer, compile,
              min_psnr: {precision: dB}, max_abs (or null)}
     peaks: {gpu, name, tflops: {precision: TFLOP/s}, gbps}   # the floor's GPU
+    cpu_rates: {gflops: {fp32, int8, bf16: sustained GEMM GFLOP/s measured here}, method, threads,
+                side, bf16_native} (null when the bench runs on a GPU; cpu_rates.py)
     reference: {backend: "torch", precision: "fp32", device, tf32: false}
     baseline: variant name the speedups divide by (or null)
     variants: [{name, backend, precision, device, timer, baseline, status: ok|skipped|failed, reason}]
@@ -64,7 +66,8 @@ seconds, sizes are [width, height], memory is bytes, FLOPs are counts::
                         device_used_peak_bytes, device_used_baseline_bytes, device_torch_peak_bytes},
                parity: {psnr_db (null = identical), max_abs, rel_l2, inputs_compared,
                         min_psnr, max_abs_bound, passed},
-               roofline: {stage: {flops, achieved_tflops, floor_seconds, floor_over_median}}}]
+               roofline: {stage: {flops, achieved_tflops, floor_seconds, floor_over_median,
+                                  cpu_fraction (CPU variants: achieved / this CPU's GEMM rate)}}}]
     failures: [one line per parity bound missed, or one saying nothing besides the baseline was measured],
     passed: bool
     STATS = {n, median, p90, mean, min, max, stdev}
@@ -375,6 +378,12 @@ def _run_bench(artifact_path, config: BenchConfig, log) -> dict:
     artifact = load_artifact(artifact_path)
     precision = artifact.manifest["export"]["precision"]
     variants = plan_variants(config.backends, device, config.compile, precision)
+    cpu_rates = None
+    if any(v.device == "cpu" for v in variants):
+        from .cpu_rates import measure_cpu_rates
+
+        log("measuring this CPU's sustained GEMM rates (fp32, int8, bf16)")
+        cpu_rates = measure_cpu_rates(config.threads)
 
     log(f"loading the PyTorch fp32 reference ({artifact.model}) on {device}")
     reference = reference_for(artifact, config.base, config.checkpoint, config.de_net)
@@ -420,6 +429,7 @@ def _run_bench(artifact_path, config: BenchConfig, log) -> dict:
                    "max_abs": config.max_abs,
                    "guidance": {k: v for k, v in vars(resolved).items() if k != "plan" and v is not None}},
         "peaks": peaks,
+        "cpu_rates": cpu_rates,
         "reference": {"backend": "torch", "precision": "fp32", "device": device, "tf32": False},
         "baseline": next((v.name for v in variants if v.baseline), None),
         "variants": [],
@@ -622,6 +632,16 @@ def _size_entry(artifact, size: dict, result: dict, calls: dict, artifact_costs)
     return entry
 
 
+def _cpu_rate(report: dict, device: str | None, precision: str) -> float | None:
+    """GFLOP/s of this CPU's GEMM at the rate a variant's graphs run at (``cpu_rates``)."""
+    from .cpu_rates import RATE_OF_PRECISION
+
+    rates = (report.get("cpu_rates") or {}).get("gflops") or {}
+    if device != "cpu":
+        return None
+    return rates.get(RATE_OF_PRECISION.get(precision, "fp32"))
+
+
 def _derive(report: dict, peaks: dict) -> None:
     """Speedups against the baseline, roofline numbers, and the pass/fail verdict."""
     from .export.cost import GraphCost
@@ -630,6 +650,7 @@ def _derive(report: dict, peaks: dict) -> None:
     by_key = {(r["variant"], tuple(r["lr_size"])): r for r in report["results"]}
     costs = {tuple(s["lr_size"]): s["cost"] for s in report["sizes"]}
     precisions = {v["name"]: v["precision"] for v in report["variants"]}
+    devices = {v["name"]: v["device"] for v in report["variants"]}
     failures = []
     for r in report["results"]:
         base = by_key.get((baseline, tuple(r["lr_size"]))) if baseline else None
@@ -649,6 +670,9 @@ def _derive(report: dict, peaks: dict) -> None:
             floor = cost.floor_seconds(rate, peaks["gbps"], ELEMENT_BYTES.get(precision))
             r["roofline"][stage] = {"flops": cost.flops, "achieved_tflops": _round(cost.flops / median / 1e12, 6),
                                     "floor_seconds": _round(floor, 9), "floor_over_median": _round(floor / median, 6)}
+            cpu_rate = _cpu_rate(report, devices.get(r["variant"]), precision)
+            if cpu_rate:
+                r["roofline"][stage]["cpu_fraction"] = _round(cost.flops / median / (cpu_rate * 1e9), 6)
         p = r["parity"]
         if not p["passed"]:
             psnr = "identical" if p["psnr_db"] is None else f"{p['psnr_db']:.2f} dB"
@@ -743,10 +767,14 @@ def format_report(report: dict) -> str:
                 row = [stage, f"{c['flops'] / 1e9:.3g}", f"{c['min_bytes'] / 2**20:.1f}"]
                 for r in results:
                     rl = r["roofline"].get(stage)
-                    row.append(f"{rl['achieved_tflops']:.3g} / {_ms(rl['floor_seconds'])}" if rl else "-")
+                    cpu = f" / {100 * rl['cpu_fraction']:.0f}% CPU" if rl and "cpu_fraction" in rl else ""
+                    row.append(f"{rl['achieved_tflops']:.3g} / {_ms(rl['floor_seconds'])}{cpu}" if rl else "-")
                 rows.append(row)
+            rates = report.get("cpu_rates")
+            here = ("; % CPU: of this CPU's measured GEMM rate (" + ", ".join(
+                f"{k} {v:g} GFLOP/s" for k, v in rates["gflops"].items()) + ")") if rates else ""
             lines += ["", f"cost model (from the graphs): GFLOP, min MiB moved; per variant achieved TFLOP/s / floor ms "
-                          f"on {peaks['name']} ({peaks['gbps']:g} GB/s)"]
+                          f"on {peaks['name']} ({peaks['gbps']:g} GB/s){here}"]
             lines += _table(["stage", "GFLOP", "MiB", *(r["variant"] for r in results)], rows)
         elif info.get("cost_error"):
             lines.append(f"cost model unavailable: {info['cost_error']}")
