@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from srexport.artifact.guidance import Controls, Resolved, default_mode, pisa_guidance_section, pisa_plan, resolve
+from srexport.artifact.guidance import (Controls, Resolved, default_mode, pisa_guidance_section, pisa_plan,
+                                       pisa_unets, resolve)
 from srexport.errors import UserError
 from srexport.models.pisa_reference import PisaReference, PisaSettings
 from srexport.parity import compare
@@ -217,7 +218,7 @@ def test_tiled_adjustable_exact_with_coarse_unet_statistics_matches_the_tiled_re
 
 
 def _pisa_manifest(built, lp=1.0, ls=1.0):
-    unets = ["unet_pix", "unet_sem"] if built == "exact" else ["unet"]
+    unets = pisa_unets(built)
     return {"model": {"kind": "pisa-sr"}, "guidance": pisa_guidance_section(built, lp, ls, unets),
             "denoise": pisa_plan(built, default_mode(built, lp), lp, ls, unets)}
 

@@ -39,6 +39,11 @@ PISA_MODES = ("merged", "exact")  # what a call runs
 PISA_BUILDS = ("merged", "exact", "adjustable")  # what --guidance builds
 LORA_SCALES = "lora_scales"  # the adjustable UNet's per-sample (a, b) input
 CFG_SCALE = "cfg_scale"  # S3Diff's per-image CFG scale input
+def pisa_unets(built: str) -> list[str]:
+    """The UNet graphs a PiSA-SR artifact built as ``built`` holds (the one place their names live)."""
+    return ["unet_pix", "unet_sem"] if built == "exact" else ["unet"]
+
+
 # (a, b) of exact guidance's two samples: W_pix = W0 + dW_pix, W_sem = W0 + dW_pix + dW_sem
 EXACT_COEFFICIENTS = ((1.0, 0.0), (1.0, 1.0))
 _PER_CALL_FIX = "rebuild with --guidance adjustable (or exact) to choose the scales per call"
@@ -82,16 +87,17 @@ def pisa_plan(built: str, mode: str, lambda_pix: float, lambda_sem: float, unets
     """The denoise plan of a PiSA-SR artifact built as ``built`` run in ``mode`` at these scales.
     ``unets``: the component names (default: the recipe's)."""
     lp, ls = float(lambda_pix), float(lambda_sem)
+    unets = unets or pisa_unets(built)
     if built == "merged":
-        return {"latent_weight": 0.0, "terms": [{"component": (unets or ["unet"])[0], "weight": 1.0}]}
+        return {"latent_weight": 0.0, "terms": [{"component": unets[0], "weight": 1.0}]}
     if built == "exact":
-        pix, sem = unets or ["unet_pix", "unet_sem"]
+        pix, sem = unets
         terms = [{"component": pix, "weight": lp - ls}, {"component": sem, "weight": ls}]
     elif mode == "merged":
         return {"latent_weight": 1.0 - lp,
-                "terms": [{"component": (unets or ["unet"])[0], "weight": lp, LORA_SCALES: [1.0, ls / lp]}]}
+                "terms": [{"component": unets[0], "weight": lp, LORA_SCALES: [1.0, ls / lp]}]}
     else:
-        unet = (unets or ["unet"])[0]
+        unet = unets[0]
         terms = [{"component": unet, "weight": w, LORA_SCALES: list(c)}
                  for w, c in zip((lp - ls, ls), EXACT_COEFFICIENTS)]
     kept = [t for t in terms if t["weight"] != 0] or terms[-1:]

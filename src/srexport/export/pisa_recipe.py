@@ -7,6 +7,7 @@ import dataclasses
 
 from .. import __version__
 from ..artifact.guidance import Resolved, default_mode, pisa_guidance_section, pisa_plan
+from ..artifact.guidance import pisa_unets as guidance_unets
 from ..models.configs import VAE_SCALING_FACTOR
 from ..models.pisa_reference import PISA_TIMESTEP, PisaReference
 from ..parity import compare
@@ -34,7 +35,7 @@ _SIZE_NOTES = {
 
 
 def pisa_unets(settings) -> list[str]:
-    return ["unet_pix", "unet_sem"] if settings.guidance == "exact" else ["unet"]
+    return guidance_unets(settings.guidance)
 
 
 def pisa_specs(settings) -> dict[str, ComponentSpec]:

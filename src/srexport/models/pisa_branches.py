@@ -63,31 +63,24 @@ class LoraMix(nn.Module):
         return t * c.reshape(*c.shape, *([1] * (t.dim() - 2)))
 
 
-class BranchedLinear(nn.Module):
-    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, mix: LoraMix):
+def _projections(base: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
+    """The (down, up) pair of a rank-``rank`` branch on ``base``: a Linear's are Linears; a conv's
+    down-projection sees the base conv's receptive field and its up-projection is 1x1."""
+    if isinstance(base, nn.Linear):
+        return nn.Linear(base.in_features, rank, bias=False), nn.Linear(rank, base.out_features, bias=False)
+    return (nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False),
+            nn.Conv2d(rank, base.out_channels, 1, bias=False))
+
+
+class BranchedLayer(nn.Module):
+    """A Linear or Conv2d plus its LoRA branch: base(x) + up(c * down(x))."""
+
+    def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, mix: LoraMix):
         super().__init__()
         self.base_layer = base
-        self.lora_down = nn.Linear(base.in_features, a.shape[0], bias=False)
-        self.lora_up = nn.Linear(a.shape[0], base.out_features, bias=False)
+        self.lora_down, self.lora_up = _projections(base, a.shape[0])
         self.lora_mix = mix
-        mix.channels_last = True
-        with torch.no_grad():
-            self.lora_down.weight.copy_(a)
-            self.lora_up.weight.copy_(b)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora_up(self.lora_mix(self.lora_down(x)))
-
-
-class BranchedConv2d(nn.Module):
-    def __init__(self, base: nn.Conv2d, a: torch.Tensor, b: torch.Tensor, mix: LoraMix):
-        super().__init__()
-        self.base_layer = base
-        # the down-projection sees the base conv's receptive field; the up one is 1x1
-        self.lora_down = nn.Conv2d(base.in_channels, a.shape[0], base.kernel_size, base.stride, base.padding,
-                                   bias=False)
-        self.lora_up = nn.Conv2d(a.shape[0], base.out_channels, 1, bias=False)
-        self.lora_mix = mix
+        mix.channels_last = isinstance(base, nn.Linear)  # a Linear's rank axis is the last
         with torch.no_grad():
             self.lora_down.weight.copy_(a)
             self.lora_up.weight.copy_(b)
@@ -111,7 +104,7 @@ def install_branches(unet: nn.Module, ckpt, branches: tuple[str, ...] = ("pix", 
         a = torch.cat([pairs[b][name][0] for b in branches]).to(base.weight.dtype)
         b = torch.cat([pairs[br][name][1] * ckpt.scaling(br) for br in branches], dim=1).to(base.weight.dtype)
         mix = LoraMix(ranks, coefficients)
-        wrapper = (BranchedLinear if isinstance(base, nn.Linear) else BranchedConv2d)(base, a, b, mix)
+        wrapper = BranchedLayer(base, a, b, mix)
         parent_name, _, child = name.rpartition(".")
         setattr(unet.get_submodule(parent_name) if parent_name else unet, child, wrapper.to(base.weight.device))
     return coefficients
