@@ -842,10 +842,10 @@ def cmd_serve(args) -> int:
                           log_file=args.log)
     print(f"starting tritonserver on {args.repository} ...", file=sys.stderr, flush=True)
     with server:
-        for name, url in server.endpoints.items():
-            print(f"{name:<8} {url}", flush=True)
-        print("ready; Ctrl-C stops it", file=sys.stderr, flush=True)
-        try:
+        try:  # once ready, Ctrl-C is the way to stop it: exit 0
+            for name, url in server.endpoints.items():
+                print(f"{name:<8} {url}", flush=True)
+            print("ready; Ctrl-C stops it", file=sys.stderr, flush=True)
             while server.process.poll() is None:
                 time.sleep(0.5)
         except KeyboardInterrupt as e:
