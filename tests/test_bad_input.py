@@ -903,7 +903,7 @@ def test_a_v1_manifest_loads_through_the_migration(tmp_path, name):
     assert "formula" not in tiling["blend"] and "norm_method" not in tiling["vae"]
     assert TilingSettings.from_manifest(tiling) == TilingSettings(  # what the v1 demo ran with
         tile=512, overlap=128, batch=4, vae_tile=1024, vae_overlap=256, vae_norm="per-tile", plan="fixed",
-        unet_norm="per-tile")
+        unet_norm="per-tile", untiled_max_megapixels=2.1)
     assert tiling["plan"] == "fixed"  # the only layout before --tile-plan
     assert manifest["export"]["cleanup"] == "onnxslim" and "2 GB" in manifest["export"]["description"]
     if "schedule" in v1:

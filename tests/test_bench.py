@@ -183,7 +183,7 @@ def test_bench_refuses_unknown_backends(demo_artifact, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err == ("srexport: error: --backends bogus: not a backend srexport bench knows; name one or more of "
-                   "torch, torch-compile, ort, ort-cuda, trt")
+                   "torch, torch-compile, ort, ort-cuda, trt, ort-plain, ort-cuda-plain")
     with pytest.raises(UserError, match=r"--backends onnx,tensorrt: not backends .* torch-compile"):
         BenchConfig(backends=["ort", "onnx", "tensorrt", "onnx"]).validate()
     with pytest.raises(UserError, match="torch, torch-compile, ort, ort-cuda, trt"):

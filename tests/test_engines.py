@@ -45,6 +45,10 @@ S3_PROCESSING = {"scale": 4, "upscale_filter": "bilinear", "color_fix": "wavelet
                  "size_policy": "reflect_pad", "size_multiple": 64}
 
 
+# A demo artifact's files: the portable graphs and their attention-fused onnxruntime twins.
+ARTIFACT_FILES = sorted(["manifest.json"] + [f"{n}{suffix}" for n in ("vae_encoder", "unet", "vae_decoder")
+                                             for suffix in (".onnx", ".ort.onnx")])
+
 def _one_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
@@ -649,7 +653,7 @@ def test_parser_rejection_leaves_the_artifact_as_it_was(artifact_copy, fake_gpu,
     err = _one_line(capsys.readouterr().err)
     assert "TensorRT's ONNX parser rejected vae_encoder.onnx: In node 7 (Conv): unsupported" in err
     assert (artifact_copy / "manifest.json").read_bytes() == before
-    assert _files(artifact_copy) == sorted(["manifest.json", "vae_encoder.onnx", "unet.onnx", "vae_decoder.onnx"])
+    assert _files(artifact_copy) == ARTIFACT_FILES
 
 
 def test_graph_inputs_not_matching_the_spec(artifact_copy, fake_gpu, tiling, capsys, monkeypatch):
@@ -674,7 +678,7 @@ def test_failed_build_names_the_options_and_leaves_the_artifact(artifact_copy, f
            "try a larger --workspace-gib or a smaller --tile-batch" in last
     assert len(_builds(calls)) == 1
     assert (artifact_copy / "manifest.json").read_bytes() == before
-    assert _files(artifact_copy) == sorted(["manifest.json", "vae_encoder.onnx", "unet.onnx", "vae_decoder.onnx"])
+    assert _files(artifact_copy) == ARTIFACT_FILES
     assert not (artifact_copy.parent / "pisa.trt-timing-cache").exists()
 
 

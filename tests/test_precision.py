@@ -41,14 +41,14 @@ def reference(demo_artifact):
     return reference_for(load_artifact(demo_artifact))
 
 
-def _convert(demo_artifact, tmp_path_factory, reference, precision):
+def _convert(demo_artifact, tmp_path_factory, reference, precision, target="gpu"):
     from srexport.calibration.precision import (PrecisionOptions, convert_graphs, measure_artifact_folder)
     from srexport.artifact.manifest import load_artifact, read_manifest, write_manifest
 
-    folder = tmp_path_factory.mktemp(precision) / f"pisa-demo-{precision}"
+    folder = tmp_path_factory.mktemp(precision) / f"pisa-demo-{precision}-{target}"
     shutil.copytree(demo_artifact, folder)
     manifest = read_manifest(folder)
-    options = PrecisionOptions(precision, CALIB, held_out_lr=HELD_OUT_LR).validate()
+    options = PrecisionOptions(precision, CALIB, held_out_lr=HELD_OUT_LR, target=target).validate()
     record = convert_graphs(folder, manifest, reference, options, _Quiet())
     # calibrated on 3 tiny tiles for speed (the README's table uses 32 of 64 pixels), so the
     # build's bounds are not enforced here; the numbers are checked below
@@ -66,6 +66,11 @@ def fp16(demo_artifact, tmp_path_factory, reference):
 @pytest.fixture(scope="module")
 def int8(demo_artifact, tmp_path_factory, reference):
     return _convert(demo_artifact, tmp_path_factory, reference, "int8")
+
+
+@pytest.fixture(scope="module")
+def int8_cpu(demo_artifact, tmp_path_factory, reference):
+    return _convert(demo_artifact, tmp_path_factory, reference, "int8", target="cpu")
 
 
 def _graphs(art):
@@ -403,3 +408,64 @@ def test_bounds_are_per_component_from_the_specs():
     assert migrate(v1)["checks"]["bounds"]["components"]["unet"] == {"min_output_psnr": 45.0}
     recorded = {"end_to_end_min_psnr": 40.0, "component_rel_l2": 1e-2}
     assert migrate(dict(v1, checks={"bounds": recorded}))["checks"]["bounds"] == recorded
+
+
+# --- int8 for onnxruntime's CPU kernels (--target cpu) ---------------------------------------
+
+
+def test_cpu_int8_graphs_are_u8s8_qdq_that_onnxruntime_fuses(int8_cpu, tmp_path):
+    import onnxruntime as ort
+
+    from srexport.calibration.int8 import qdq_summary
+
+    assert int8_cpu.manifest["export"]["int8"]["target"] == "cpu"
+    assert "u8s8" in int8_cpu.manifest["export"]["int8"]["scheme"]
+    for name, path in _graphs(int8_cpu).items():
+        model = onnx.load(str(path))
+        summary = qdq_summary(model, "cpu")
+        assert summary["problems"] == [], (name, summary["problems"][:3])
+        assert summary["quantized_layers"]["Conv"] > 0 and summary["weights_per_tensor"] == 0
+        assert qdq_summary(model, "gpu")["problems"], "a CPU graph must not pass TensorRT's rules"
+        values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        activation_zero_points = {values[n.input[2]].dtype for n in dq if n.input[0] not in values}
+        assert activation_zero_points == {np.dtype(np.uint8)}  # u8 activations
+        assert any(values[n.input[0]].dtype == np.int32 for n in dq if n.input[0] in values)  # int32 bias
+        assert onnx.TensorProto.FLOAT16 not in set(_types(model).values())  # fp32 between, not fp16
+        # onnxruntime fuses the QDQ units into its int8 kernels
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{name}.optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+        assert ops.count("QLinearConv") >= summary["quantized_layers"]["Conv"] // 2, name
+
+
+def test_cpu_int8_error_meets_the_int8_bound(int8_cpu, int8):
+    record = int8_cpu.manifest["checks"]["precision"]["onnxruntime_cpu"]
+    gpu = int8.manifest["checks"]["precision"]["onnxruntime_cpu"]
+    assert record["end_to_end"]["min_psnr_db"] >= int8_cpu.manifest["checks"]["bounds"]["end_to_end_min_psnr"]
+    # issue 16's goal, on 3 calibration tiles: >= 35 dB against the fp32 reference. Quantized layer
+    # outputs (what lets onnxruntime fuse) cost a few dB against TensorRT's scheme (measured 3.3 dB)
+    assert record["end_to_end"]["min_psnr_db"] >= 35.0
+    assert record["end_to_end"]["mean_psnr_db"] > gpu["end_to_end"]["mean_psnr_db"] - 6.0
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_target_cpu_without_a_cpu_variant_is_one_line(precision, capsys, tmp_path):
+    from srexport.cli import main
+
+    assert main(["build", "--precision", precision, "--target", "cpu", "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--target cpu has no {precision} variant" in err
+    assert "--precision int8 --target cpu" in err and list(tmp_path.iterdir()) == []
+
+
+def test_engines_refuse_cpu_int8(int8_cpu, capsys):
+    from srexport.cli import main
+
+    assert main(["engines", str(int8_cpu.folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--target cpu" in err and "TensorRT does not take" in err
+    assert main(["build", "--precision", "int8", "--target", "cpu", "--engines", "--out",
+                 str(int8_cpu.folder.parent / "never")]) == 2
+    assert "drop --engines" in capsys.readouterr().err and not (int8_cpu.folder.parent / "never").exists()

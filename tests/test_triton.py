@@ -309,7 +309,7 @@ def test_the_client_example_and_serve_with_ctrl_c(pisa_served, tmp_path):
 def test_a_native_repository_holds_the_graphs_for_tritons_own_backends(demo_artifact, tmp_path):
     """--components native: onnxruntime_onnx models with copies of the graphs (not run here: the
     serve extra's tritonserver has only the Python backend)."""
-    from srexport.artifact.manifest import load_artifact, sha256_of
+    from srexport.artifact.manifest import ORT_GRAPH, load_artifact, sha256_of
     from srexport.serving.repository import write_repository
 
     repo = write_repository(demo_artifact, tmp_path / "native", backend="ort-cuda", components="native")
@@ -318,5 +318,6 @@ def test_a_native_repository_holds_the_graphs_for_tritons_own_backends(demo_arti
         config = (repo / name / "config.pbtxt").read_text()
         assert 'platform: "onnxruntime_onnx"' in config and "KIND_GPU" in config
         assert all(f'name: "{t}"' in config for t in spec.input_names + spec.output_names)
-        assert sha256_of(repo / name / "1" / "model.onnx") == sha256_of(artifact.component_file(name))
+        # onnxruntime's backend gets the attention-fused twin
+        assert sha256_of(repo / name / "1" / "model.onnx") == sha256_of(artifact.component_file(name, ORT_GRAPH))
     assert 'backend: "python"' in (repo / "srexport" / "config.pbtxt").read_text()

@@ -109,8 +109,12 @@ SCHEMA_VERSION = 1
 # eager baseline, which keeps no normalisation in fp32. They catch a broken backend.
 DEFAULT_MIN_PSNR = {name: p.bench_min_psnr for name, p in PRECISIONS.items()}
 ELEMENT_BYTES = {name: p.element_bytes for name, p in PRECISIONS.items()}
-# What --backends accepts: the runtime's backends plus the torch.compile baseline.
-BENCH_BACKENDS = ("torch", "torch-compile", *(b for b in BACKENDS if b != "torch"))
+# What --backends accepts: the runtime's backends plus the torch.compile baseline, and the
+# onnxruntime backends on the portable graphs (plain attention), to measure what fusion gives.
+PLAIN_ATTENTION = "-plain"
+ORT_BACKENDS = ("ort", "ort-cuda")
+BENCH_BACKENDS = ("torch", "torch-compile", *(b for b in BACKENDS if b != "torch"),
+                  *(b + PLAIN_ATTENTION for b in ORT_BACKENDS))
 
 
 @dataclass
@@ -513,7 +517,10 @@ def _load_variant(variant: Variant, artifact, artifact_path, reference, device, 
                 variant.pipeline = _torch_pipeline(artifact, reference, device, variant.precision, compiled)
             variant.device = device
         else:
-            variant.pipeline = load_pipeline(artifact_path, backend=variant.backend, threads=config.threads)
+            backend = variant.backend.removesuffix(PLAIN_ATTENTION)
+            attention = "plain" if backend != variant.backend else "fused"
+            variant.pipeline = load_pipeline(artifact_path, backend=backend, threads=config.threads,
+                                             attention=attention)
             variant.device, variant.stream = _runner_placement(variant.pipeline)
     except (UserError, ImportError) as e:
         variant.status, variant.reason = "skipped", str(e) or type(e).__name__

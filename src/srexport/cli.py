@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UserError
+from .artifact.manifest import ATTENTIONS
 from .artifact.precisions import DEFAULT_PRECISION, GRAPH_PRECISIONS
 from .models.kinds import MODEL_KINDS
 
@@ -92,6 +93,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         "softmax and measured overflow kept fp32), int8 (symmetric Q/DQ on Conv/MatMul, the rest fp16) "
                         "or fp32. Inputs and outputs stay float32. The fp32 graphs are checked first; the chosen "
                         "precision's error against the fp32 reference is printed and recorded (default: fp16)")
+    b.add_argument("--target", choices=["gpu", "cpu"], default="gpu",
+                   help="int8 only: gpu makes TensorRT's explicit-quantization graphs (symmetric int8, fp16 between); "
+                        "cpu makes graphs for onnxruntime's CPU kernels (u8s8 QDQ with quantized outputs and int32 "
+                        "bias, fused into QLinearConv/QLinearMatMul, fp32 between), which TensorRT does not take "
+                        "(default: gpu)")
     b.add_argument("--calib", default="builtin", metavar="builtin|FOLDER",
                    help="calibration photos: 'builtin' (scikit-image's photos, the training split; needs "
                         "scikit-image) or a folder of high-resolution photos; crops are degraded like the model's "
@@ -105,6 +111,12 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--engines", action="store_true",
                    help="also build TensorRT engines (needs TensorRT and an NVIDIA GPU; without TensorRT this fails "
                         "at once: build the ONNX artifact here and run 'srexport engines' on the GPU machine)")
+    b.add_argument("--ort-attention", choices=list(ATTENTIONS), default="fused",
+                   help="fused: also write, beside each graph with attention, its onnxruntime twin with the "
+                        "attention fused into com.microsoft.MultiHeadAttention (flash attention on CPU and CUDA: no "
+                        "score matrix, a 1024 px VAE tile's decode 2.3 -> 1.0 GB peak), checked against the plain "
+                        "graph; TensorRT keeps reading the portable graphs. plain: portable graphs only (default: "
+                        "fused)")
     _add_engine_options(b, tile_batch=False)  # build: the tile batch is the tiling's
     _add_tiling_options(b)
 
@@ -118,6 +130,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="ort: onnxruntime (CPU) on the artifact's graphs; ort-cuda: onnxruntime's CUDA provider "
                         "(onnxruntime-gpu); trt: the artifact's TensorRT engines (TensorRT, NVIDIA GPU); torch: "
                         "the PyTorch reference modules")
+    _add_attention_option(r)
+    r.add_argument("--ort-arena", choices=["shared", "session", "off"], default="shared",
+                   help="ort backend: onnxruntime's CPU memory arena. shared: one for all the artifact's graphs (peak "
+                        "of the largest run); session: one per graph, onnxruntime's default (the sum of their "
+                        "peaks); off: none (least memory, slower on some graphs) (default: shared)")
     r.add_argument("--threads", type=int, default=None,
                    help="intra-op threads for onnxruntime, 1 to this machine's core count (default: onnxruntime's "
                         "own, one per physical core)")
@@ -129,7 +146,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "untiled limit (see --untiled-max-mp)")
     r.add_argument("--untiled-max-mp", type=float, default=None, metavar="MP",
                    help="largest whole-image run, in output megapixels, for --no-tile (default: the artifact's, "
-                        "set at build; 2.1 MP unless changed there)")
+                        "set at build; 4.2 MP unless changed there, 2.1 MP for artifacts built before fused "
+                        "attention)")
     r.add_argument("--vae-norm", choices=list(ts.VAE_NORMS), default=None,
                    help="GroupNorm statistics of tiled VAE runs (default: the artifact's, set at build). two-pass "
                         "and coarse need an artifact with the VAE's two-pass graphs; per-tile runs on any artifact")
@@ -152,6 +170,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("artifact", type=Path)
     c.add_argument("images", type=Path, nargs="*", help="LR images to check on (default: the built-in sample)")
     c.add_argument("--backend", choices=BACKEND_CHOICES, default="ort")
+    _add_attention_option(c)
     c.add_argument("--max-abs", type=float, default=None,
                    help="bound per component on max abs (default: the artifact's, 1e-3 for fp32 graphs, none for fp16/int8)")
     c.add_argument("--max-rel-l2", type=float, default=None,
@@ -294,6 +313,13 @@ def _add_engine_options(p: argparse.ArgumentParser, tile_batch: bool = True) -> 
 # --- tiling options (artifact/tile_settings.py holds the defaults and their reasoning) --------------
 
 
+def _add_attention_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention", choices=list(ATTENTIONS), default="fused",
+                   help="onnxruntime backends: fused runs each graph's MultiHeadAttention twin where the artifact "
+                        "has one (flash attention: no score matrix in memory); plain the portable MatMul-Softmax-"
+                        "MatMul graphs (default: fused)")
+
+
 def _add_guidance_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "guidance", "Per-call guidance (default: the artifact's, set at build). PiSA-SR artifacts built with "
@@ -358,8 +384,8 @@ def _add_tiling_options(p: argparse.ArgumentParser) -> None:
                         "(static-shape engines); by default such sides run at their own length, which is exact")
     g.add_argument("--untiled-max-mp", type=float, default=ts.DEFAULT_UNTILED_MAX_MEGAPIXELS, metavar="MP",
                    help="largest whole-image run ('run --no-tile') in output megapixels (default: "
-                        f"{ts.DEFAULT_UNTILED_MAX_MEGAPIXELS:g}: the VAE's whole-image attention scores alone are "
-                        "4 GiB there in onnxruntime on CPU)")
+                        f"{ts.DEFAULT_UNTILED_MAX_MEGAPIXELS:g}, 2048x2048: the demo peaks at 2.9 GB there with "
+                        "fused attention; the portable graphs' whole-image attention scores alone are 17 GiB)")
 
 
 def _tiling_settings(args):
@@ -406,8 +432,11 @@ def cmd_build(args) -> int:
     _model_options(args)
     out = args.out or Path("artifacts") / f"{args.model}-x{args.scale}{'-demo' if args.base is None else ''}"
     check_build_target(out, args.force)  # an --out that cannot be written fails before any work
-    engine_options = _engines_ready(args) if args.engines else None  # before any export: fail at once
     precision = _precision_options(args)
+    if args.engines and precision.target == "cpu":
+        raise UserError("--engines with --target cpu: the CPU int8 graphs are for onnxruntime, TensorRT does not "
+                        "take them; drop --engines or build with --target gpu")
+    engine_options = _engines_ready(args) if args.engines else None  # before any export: fail at once
     tiling = _tiling_settings(args)  # validated before anything loads
     if (args.base is None) != (args.checkpoint is None):
         raise UserError("pass both --base and --checkpoint, or neither for the built-in demo")
@@ -428,7 +457,7 @@ def cmd_build(args) -> int:
 
         print(f"Building the built-in {args.model} DEMO: {demo_description(source)}.", file=sys.stderr)
     path = build(prepare, source, settings, out, force=args.force, quiet=args.quiet, precision=precision,
-                 tiling=tiling)
+                 tiling=tiling, ort_attention=args.ort_attention)
     if engine_options is not None:
         from .export.engines import build_engines
 
@@ -459,7 +488,7 @@ def _precision_options(args):
     from .calibration.precision import PrecisionOptions
 
     return PrecisionOptions(args.precision, CalibrationSettings(str(args.calib), args.calib_size),
-                            method=args.calib_method).validate()
+                            method=args.calib_method, target=args.target).validate()
 
 
 def _pisa_build(args):
@@ -562,7 +591,8 @@ def cmd_run(args) -> int:
             print(f"srexport: error: {e}", file=sys.stderr)
     written = 0
     if good:
-        pipeline = load_pipeline(args.artifact, backend=args.backend, threads=args.threads)
+        pipeline = load_pipeline(args.artifact, backend=args.backend, threads=args.threads,
+                                 attention=args.attention, arena=args.ort_arena)
         _configure_tiling(pipeline, args)
         pipeline.use_controls(controls)
         if folder_run:
@@ -702,9 +732,10 @@ def cmd_check(args) -> int:
     # arenas, two ways at once: 24 GB on a 217x301 fp16 check, where run needs 7.7 GB).
     def artifact_pipeline() -> SRPipeline:
         if args.backend == "ort":
-            pipeline = SRPipeline(artifact.manifest, ort_runners(artifact, arena=False))
+            pipeline = SRPipeline(artifact.manifest, ort_runners(artifact, arena="off", attention=args.attention))
         else:
-            pipeline = load_pipeline(args.artifact, backend=args.backend, reference=reference)
+            pipeline = load_pipeline(args.artifact, backend=args.backend, reference=reference,
+                                     attention=args.attention)
         pipeline.use_controls(controls)
         return pipeline
 
@@ -721,7 +752,9 @@ def cmd_check(args) -> int:
             note("writing the graphs' fp16-rounding twins")
             emulated_dir(artifact.folder, artifact.manifest, twin)
             def rounding_twin() -> SRPipeline:
-                pipeline = SRPipeline(artifact.manifest, ort_runners(Artifact(twin, artifact.manifest), arena=False))
+                # the twins round the portable graphs (emulated_dir writes no fused ones)
+                pipeline = SRPipeline(artifact.manifest, ort_runners(Artifact(twin, artifact.manifest), arena="off",
+                                                                     attention="plain"))
                 pipeline.use_controls(controls)
                 return pipeline
             ways["ort, fp16 rounding"] = rounding_twin

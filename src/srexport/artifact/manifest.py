@@ -152,6 +152,14 @@ def current_umask() -> int:
     return mask
 
 
+# A component's graph for onnxruntime, attention fused into com.microsoft ops (export.attention_fusion);
+# absent where the graph has no attention. TensorRT and other consumers read the portable "onnx" one.
+ORT_GRAPH = "onnx_ort"
+# How onnxruntime runs attention: "fused" runs the ORT_GRAPH twins where the artifact has them
+# (flash attention, no score matrix), "plain" the portable MatMul-Softmax-MatMul graphs.
+ATTENTIONS = ("fused", "plain")
+
+
 @dataclass
 class Artifact:
     """A loaded artifact folder: its manifest and verified file paths."""

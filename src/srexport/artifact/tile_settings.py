@@ -25,7 +25,9 @@ DEFAULT_VAE_OVERLAP = 48
 # scores per head: 1 GiB at 1024 px, 16 GiB at 2048 px, 256 GiB at 4096 px (the VAE mid-block; the
 # UNet's first level is the same token count). 2048 px is the most that can fit a 24 GB machine at all.
 MAX_TILE = 2048
-DEFAULT_UNTILED_MAX_MEGAPIXELS = 2.1  # e.g. 1448 x 1448 or 2048 x 1024 output
+# Whole-image runs: with fused attention memory is linear in the pixels (demo, 2.9 GB at 2048 x 2048,
+# 9.3 GB at 3072 x 3072 measured); the portable graphs' scores alone are (pixels)^2 / 1 KiB bytes.
+DEFAULT_UNTILED_MAX_MEGAPIXELS = 4.2  # e.g. 2048 x 2048 output
 # How tiled VAE runs get their GroupNorm statistics (models/group_norm_stats.py).
 VAE_NORMS = {
     "per-tile": "each tile normalises with its own GroupNorm statistics; one VAE pass",
@@ -86,11 +88,12 @@ REASONING = (
     "tiles (fewer borders) gain; the VAE decode with coarse statistics is 37.6 / 38.1 / 39.0 dB at 64 / 128 / "
     "256 px for 1.09 / 1.17 / 1.36x its area, so its overlap is set by the work budget. Batch 2: 1.2 MP per "
     "denoiser call, about one 1024 px VAE tile (VAE batch 1), so memory is set by the tile as before. A "
-    "512x512 output is one tile (tiled equals untiled). On CPU, onnxruntime has no fused attention, so a "
-    "1024 px VAE tile's mid-block attention (16384 tokens) holds about 1 GiB of scores per call; --vae-tile "
-    "512 cuts that 16x, at a larger tiling error. Whole-image runs (--no-tile) are refused above 2.1 MP of "
-    "output: the VAE's mid-block attention is quadratic in the pixel count, (pixels)^2 / 1 KiB bytes of fp32 "
-    "scores without fused attention: 4 GiB at 2.1 MP, 17 GiB at 4.2 MP (2048x2048)."
+    "512x512 output is one tile (tiled equals untiled). onnxruntime runs the graphs' attention-fused twins "
+    "(flash attention, no score matrix); on the portable graphs a 1024 px VAE tile's mid-block attention "
+    "(16384 tokens) holds about 1 GiB of fp32 scores per call. Whole-image runs (--no-tile) are refused above "
+    "4.2 MP of output (2048x2048; demo, fused attention: 2.9 GB peak there, 9.3 GB at 3072x3072); the "
+    "portable graphs' attention scores are quadratic in the pixel count, (pixels)^2 / 1 KiB bytes of fp32: "
+    "4 GiB at 2.1 MP, 17 GiB at 4.2 MP."
 )
 
 

@@ -21,6 +21,14 @@ The quantized graph is then made **int8 + fp16**: raised to opset 19 (the
 first with fp16 Q/DQ scales) and converted by ``fp16.convert_to_fp16``, so
 what is not int8 runs in fp16, not fp32, under a strongly typed TensorRT
 network. Its inputs and outputs stay float32.
+
+``--target cpu`` makes the int8 graphs onnxruntime's CPU kernels run fast instead (TensorRT
+refuses them): u8s8, asymmetric uint8 activations (onnxruntime's own default, the VNNI-friendly
+pairing) with symmetric per-channel int8 weights; each quantized layer's output quantized too and
+its bias as int32, so onnxruntime fuses DQ -> Conv/MatMul -> Q into QLinearConv / QLinearMatMul
+and the int8 tensors flow from layer to layer; fp32, not fp16, between quantized layers (on CPU
+fp16 runs through casts). The TensorRT-oriented graphs run on CPU through DequantizeLinear into
+fp32 convolutions plus fp16 casts, slower than plain fp32 (measured 0.84x).
 """
 
 from __future__ import annotations
@@ -36,6 +44,14 @@ import onnx
 from onnx import numpy_helper
 
 QDQ_OPSET = 19  # fp16 scales on QuantizeLinear/DequantizeLinear
+INT8_TARGETS = ("gpu", "cpu")  # srexport build --target: TensorRT (default) or onnxruntime's CPU provider
+INT8_SCHEMES = {
+    "gpu": "symmetric int8 (zero point 0); weights per channel on the output-channel axis; activations per tensor; "
+           "Q/DQ on Conv/MatMul/Gemm inputs; bias in float; the rest in fp16 (TensorRT's explicit quantization)",
+    "cpu": "u8s8: asymmetric uint8 activations per tensor, symmetric int8 weights per channel; Q/DQ on the inputs "
+           "and outputs of Conv/MatMul/Gemm, int32 bias, so onnxruntime fuses QLinearConv/QLinearMatMul; the rest "
+           "in fp32 (onnxruntime's CPU kernels)",
+}
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 # Node-name patterns (torch.onnx scope names) excluded from int8, and why.
 SENSITIVE: dict[str, str] = {
@@ -129,10 +145,11 @@ def _large_file(path: Path) -> bool:
 
 def quantize_int8(fp32_path: Path, out_path: Path, ranges_json: Path, exclude: Iterable[str] = (),
                   method: str = "minmax", fp16: bool = True, large: bool = False,
-                  keep_fp32: Iterable[str] = ()) -> onnx.ModelProto:
+                  keep_fp32: Iterable[str] = (), target: str = "gpu") -> onnx.ModelProto:
     """Quantize ``fp32_path`` with the activation ranges in ``ranges_json`` (``activation_ranges``);
     returns the int8 (+ fp16) model, the nodes named in ``keep_fp32`` staying fp32 as well as
-    fp16.FP32_OPS. ``out_path``'s folder holds the temporary files."""
+    fp16.FP32_OPS. ``out_path``'s folder holds the temporary files. ``target`` "cpu": the u8s8
+    graph for onnxruntime's CPU kernels, fp32 between its int8 layers (module docstring)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as _quantize_static
 
@@ -141,6 +158,11 @@ def quantize_int8(fp32_path: Path, out_path: Path, ranges_json: Path, exclude: I
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
              "DedicatedQDQPair": False, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
              "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)}
+    activation_type = QuantType.QInt8
+    if target == "cpu":
+        extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "QuantizeBias": True,
+                 "DedicatedQDQPair": False, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}
+        activation_type, fp16 = QuantType.QUInt8, False
     with tempfile.TemporaryDirectory(dir=Path(out_path).parent, prefix=".quant-") as tmp:
         qdq = Path(tmp) / "qdq.onnx"
         previous = logging.root.manager.disable
@@ -148,7 +170,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, ranges_json: Path, exclude: I
         try:
             _quantize_static(str(fp32_path), str(qdq), None, quant_format=QuantFormat.QDQ,
                              op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, reduce_range=False,
-                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                             activation_type=activation_type, weight_type=QuantType.QInt8,
                              nodes_to_exclude=list(exclude), use_external_data_format=large,
                              calibrate_method=methods[method], extra_options=extra,
                              calibration_cache_path=str(ranges_json))
@@ -209,9 +231,10 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
-def qdq_summary(model: onnx.ModelProto) -> dict:
-    """What the Q/DQ nodes are: counts, and every rule TensorRT's parser applies,
-    as a list of problems (empty when the graph is a clean symmetric int8 graph)."""
+def qdq_summary(model: onnx.ModelProto, target: str = "gpu") -> dict:
+    """What the Q/DQ nodes are: counts, and every rule of the target's scheme as a list of problems
+    (empty when the graph is clean). gpu: TensorRT's parser (symmetric int8, no int32 bias). cpu:
+    uint8 activations (any zero point), symmetric int8 per-channel weights, int32 biases allowed."""
     values = _constants(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -225,7 +248,17 @@ def qdq_summary(model: onnx.ModelProto) -> dict:
             continue
         scale = values.get(node.input[1])
         zero = values.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if zero is None or zero.dtype != np.int8:
+        source = node.input[0]
+        constant = values.get(source)
+        if target == "cpu" and constant is not None and constant.dtype == np.int32:
+            if zero is not None and np.any(zero != 0):
+                problems.append(f"{node.name}: int32 bias with a nonzero zero point")
+            continue  # the int32 bias QLinearConv takes
+        if target == "cpu" and not (constant is not None and constant.dtype == np.int8):
+            if zero is None or zero.dtype != np.uint8:  # an activation: u8 with its own zero point
+                problems.append(f"{node.name}: activation zero point is {None if zero is None else zero.dtype}, "
+                                "not uint8")
+        elif zero is None or zero.dtype != np.int8:
             problems.append(f"{node.name}: zero point is {None if zero is None else zero.dtype}, not int8")
         elif np.any(zero != 0):
             problems.append(f"{node.name}: zero point is not 0 (asymmetric)")
@@ -233,7 +266,6 @@ def qdq_summary(model: onnx.ModelProto) -> dict:
             problems.append(f"{node.name}: scale is not a positive constant")
         if node.op_type != "DequantizeLinear":
             continue
-        source = node.input[0]
         is_weight = source in values and values[source].dtype == np.int8
         users = consumers.get(node.output[0], [])
         if is_weight:
@@ -256,7 +288,7 @@ def qdq_summary(model: onnx.ModelProto) -> dict:
                 problems.append(f"{node.name}: activation scale is not per tensor")
         if source not in values and source in producers and producers[source].op_type != "QuantizeLinear":
             problems.append(f"{node.name}: dequantizes a computed tensor that no QuantizeLinear made")
-    for node in model.graph.node:
+    for node in model.graph.node if target == "gpu" else ():
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             for name in node.input[:1]:
                 if node.op_type == "DequantizeLinear" and values.get(name) is not None and values[name].dtype == np.int32:

@@ -39,6 +39,7 @@ from .capture import CalibrationSettings, builtin_photos_available
 
 from ..artifact.precisions import DEFAULT_PRECISION, GRAPH_PRECISIONS as PRECISIONS  # noqa: F401
 from ..artifact.precisions import PRECISIONS as _REGISTRY, bounds_for
+from .int8 import INT8_TARGETS
 IO_DTYPE = "float32"  # every precision: graphs take and return float32 (Casts inside)
 FP16_SCAN_TILES = 8  # fp16 needs activation ranges only: fewer tiles than int8's calibration
 
@@ -55,10 +56,18 @@ class PrecisionOptions:
     method: str = "minmax"  # int8 activation ranges: minmax | percentile | entropy
     held_out_lr: int = 64  # LR side of the held-out crops the error is measured on
     exclude: tuple[str, ...] = ()  # extra int8 exclusions (node-name regexes)
+    target: str = "gpu"  # int8: the runtime the graphs are made for (calibration.int8.INT8_TARGETS)
 
     def validate(self) -> "PrecisionOptions":
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.target not in INT8_TARGETS:
+            raise UserError(f"--target {self.target!r} is not one of {', '.join(INT8_TARGETS)}")
+        if self.target == "cpu" and self.precision != "int8":
+            why = ("fp32 graphs are the same for every target" if self.precision == "fp32" else
+                   "onnxruntime's CPU provider runs fp16 through casts, slower than fp32")
+            raise UserError(f"--target cpu has no {self.precision} variant ({why}); use --precision int8 "
+                            "--target cpu, or drop --target")
         self.calibration.validate()
         if self.precision == "int8" and self.calibration.builtin and not builtin_photos_available():
             raise UserError("int8 calibration on the built-in photos needs scikit-image (pip install scikit-image, "
@@ -97,12 +106,17 @@ def _range_cache(calibration: dict | None, fp32_path: Path, kind: str) -> Path |
 
 def _set_graph(folder: Path, manifest: dict, name: str, model: onnx.ModelProto) -> None:
     """Write a component's graph and point the manifest's file entries at what was written."""
+    from ..artifact.manifest import ORT_GRAPH
     from ..export.onnx_export import data_file_name, save_model
 
     for path in _graph_files(folder, name):
         manifest["files"].pop(path.name, None)
     written = save_model(model, folder / f"{name}.onnx")
     files = manifest["components"][name]["files"]
+    if ORT_GRAPH in files:  # the old graph's fused twin is no twin of the new one
+        twin = files.pop(ORT_GRAPH)
+        manifest["files"].pop(twin, None)
+        (folder / twin).unlink(missing_ok=True)
     files.pop("onnx_data", None)
     for path in written:
         manifest["files"][path.name] = {"path": path.name}
@@ -116,7 +130,7 @@ def convert_graphs(folder: Path, manifest: dict, reference, options: PrecisionOp
     from ..artifact.specs import ComponentSpec
     from .capture import calibration_inputs
     from .fp16 import FP32_OPS, activation_peaks, convert_to_fp16, fp32_nodes, overflow_nodes
-    from .int8 import QDQ_OPSET, activation_ranges, quantize_int8, qdq_summary, sensitive_nodes
+    from .int8 import INT8_SCHEMES, QDQ_OPSET, activation_ranges, quantize_int8, qdq_summary, sensitive_nodes
 
     folder = Path(folder)
     precision = options.precision
@@ -171,12 +185,19 @@ def convert_graphs(folder: Path, manifest: dict, reference, options: PrecisionOp
     for name, spec in specs.items():
         t = time.perf_counter()
         made = _REGISTRY[precision].for_stage(spec.stage).name  # int8 builds keep some stages fp16
+        if made == "fp16" and options.target == "cpu":  # ... in fp32 on CPU, where fp16 is slower
+            made = "fp32"
         fp32_path = fp32_dir / f"{name}.onnx"
         large = _large(fp32_path)
         work = folder / f".work-{name}"
         work.mkdir()
         try:
-            if made == "fp16":
+            if made == "fp32":
+                model = onnx.load(str(fp32_path), load_external_data=True)
+                details[name] = {"precision": f"fp32 ({_REGISTRY[precision].stage_precisions[spec.stage][1]})",
+                                 "fp32_ops": {}}
+                note = "kept fp32"
+            elif made == "fp16":
                 peaks = activation_peaks(fp32_path, inputs[name], _range_cache(calibration, fp32_path, "peaks"))
                 peak = max(peaks.values(), default=0.0)
                 model = onnx.load(str(fp32_path), load_external_data=True)
@@ -205,10 +226,11 @@ def convert_graphs(folder: Path, manifest: dict, reference, options: PrecisionOp
                 keep = (statistics_nodes(graph) if name in TWO_PASS_COMPONENTS else []) + coefficient_nodes(graph)
                 del graph
                 model = quantize_int8(fp32_path, folder / f"{name}.onnx", cache, exclude=list(excluded),
-                                      method=options.method, large=large, keep_fp32=keep)
-                summary = qdq_summary(model)
+                                      method=options.method, large=large, keep_fp32=keep, target=options.target)
+                summary = qdq_summary(model, options.target)
                 if summary["problems"]:
-                    raise RuntimeError(f"int8 graph {name} breaks TensorRT's Q/DQ rules: {summary['problems'][:3]}")
+                    raise RuntimeError(f"int8 graph {name} breaks the {options.target} target's Q/DQ rules: "
+                                       f"{summary['problems'][:3]}")
                 reasons: dict[str, int] = {}
                 for reason in excluded.values():
                     reasons[reason] = reasons.get(reason, 0) + 1
@@ -231,11 +253,11 @@ def convert_graphs(folder: Path, manifest: dict, reference, options: PrecisionOp
                           if any(op in d["fp32_ops"] for d in details.values())}
     export["fp16_converter"] = f"onnxconverter-common {md.version('onnxconverter-common')} (keep_io_types)"
     if precision == "int8":
-        export["opset"] = QDQ_OPSET
+        if options.target == "gpu":
+            export["opset"] = QDQ_OPSET
         export["int8"] = {
             "quantizer": f"onnxruntime {md.version('onnxruntime')} quantize_static, QDQ",
-            "scheme": "symmetric int8 (zero point 0); weights per channel on the output-channel axis; activations "
-                      "per tensor; Q/DQ on Conv/MatMul/Gemm inputs; bias in float; the rest in fp16",
+            "target": options.target, "scheme": INT8_SCHEMES[options.target],
             "activation_ranges": options.method, "calibration": calibration}
     shutil.rmtree(fp32_dir)
     record = {"precision": precision, "components": details, "calibration": calibration}
@@ -346,7 +368,8 @@ def measure_artifact_folder(folder: Path, manifest: dict, reference, options: Pr
     try:
         # whole images: the error of a precision, not of tiling (measured apart)
         pipelines = {"onnxruntime_cpu": SRPipeline(manifest, ort_runners(Artifact(folder, manifest)), tiled=False),
-                     "fp16_rounding": SRPipeline(manifest, ort_runners(Artifact(twin, manifest)), tiled=False)}
+                     "fp16_rounding": SRPipeline(manifest, ort_runners(Artifact(twin, manifest), attention="plain"),
+                                                   tiled=False)}
         result = measure(pipelines, reference, images)
     finally:
         shutil.rmtree(twin, ignore_errors=True)

@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..parity import compare, worst as worst_of
 from ..samples import SAMPLE_NAME, sample_image
 from ..artifact.manifest import FORMAT_VERSION, Artifact, atomic_folder, load_artifact, write_manifest
+from .attention_fusion import write_fused_graphs
 from .onnx_export import OPSET, data_file_name, export_onnx
 from ..artifact.tile_settings import TWO_PASS_NORMS, TilingSettings, tiling_section
 from ..artifact.specs import ComponentSpec, Geometry
@@ -113,12 +114,13 @@ class Recipe:
 
 
 def write_artifact(recipe: Recipe, out: Path, force: bool, progress: Progress, precision=None,
-                   tiling=None) -> Path:
+                   tiling=None, ort_attention: str = "fused") -> Path:
     """Export, check and describe a prepared model into ``out``, atomically.
 
     ``precision`` (calibration.precision.PrecisionOptions, default fp16): the fp32
     graphs are exported and checked first, then replaced by the chosen precision's,
-    whose error against the fp32 reference is measured and recorded."""
+    whose error against the fp32 reference is measured and recorded. ``ort_attention`` "fused":
+    each graph with attention also gets its onnxruntime twin (export.attention_fusion)."""
     from ..calibration.precision import PrecisionOptions, convert_graphs, measure_artifact_folder
 
     precision = (precision or PrecisionOptions()).validate()
@@ -176,6 +178,10 @@ def write_artifact(recipe: Recipe, out: Path, force: bool, progress: Progress, p
             progress(f"measuring the {precision.precision} graphs against the fp32 PyTorch reference")
             manifest["checks"]["precision"] = {**record, **measure_artifact_folder(
                 tmp, manifest, recipe.reference, precision, progress)}
+        if ort_attention == "fused":
+            progress("fusing attention for onnxruntime (com.microsoft.MultiHeadAttention), each graph checked "
+                     "against its plain twin")
+            manifest["checks"]["attention_fusion"] = write_fused_graphs(tmp, manifest, CHECK_GEOMETRIES, progress)
         record_parser_check(tmp, manifest, progress)
         progress("writing manifest.json (sha256 of every file)")
         write_manifest(tmp, manifest)
@@ -201,7 +207,7 @@ BUILD_STEPS = 6  # load, model-specific measurement, export, component checks, e
 
 
 def build(prepare, source, settings, out: Path, force: bool = False, quiet: bool = False, precision=None,
-          tiling=None) -> Path:
+          tiling=None, ort_attention: str = "fused") -> Path:
     """``prepare(source, loaded, settings, progress) -> Recipe``, then the common steps.
 
     The source is loaded (and every input validated) before anything is
@@ -211,7 +217,8 @@ def build(prepare, source, settings, out: Path, force: bool = False, quiet: bool
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it or choose another --out")
     converting = precision is None or precision.precision != "fp32"  # default: fp16
-    progress = Progress(BUILD_STEPS + 2 * converting, quiet)
+    progress = Progress(BUILD_STEPS + 2 * converting + (ort_attention == "fused"), quiet)
     loaded = source.load()
     progress(f"loaded {'the built-in demo' if source.demo else source.base}", started=progress.start)
-    return write_artifact(prepare(source, loaded, settings, progress), out, force, progress, precision, tiling)
+    return write_artifact(prepare(source, loaded, settings, progress), out, force, progress, precision, tiling,
+                          ort_attention)

@@ -365,7 +365,10 @@ def build_engines(folder: str | Path, options: EngineOptions = EngineOptions(), 
     """
     options = options.validate()
     folder = Path(folder)
-    read_manifest(folder)  # a wrong path says so before TensorRT is asked for
+    manifest = read_manifest(folder)  # a wrong path says so before TensorRT is asked for
+    if manifest["export"].get("int8", {}).get("target") == "cpu":
+        raise UserError(f"{folder} holds int8 graphs built with --target cpu (asymmetric uint8, for onnxruntime's "
+                        "CPU kernels), which TensorRT does not take; rebuild with --target gpu for engines")
     trt = require_tensorrt("building TensorRT engines")
     require_polygraphy()
     artifact = load_artifact(folder)

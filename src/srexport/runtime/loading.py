@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..artifact.manifest import load_artifact
 from .pipeline import SRPipeline
-from .runners import check_backend, ort_runners, torch_runners
+from .runners import check_attention, check_backend, ort_graph, ort_runners, torch_runners
 
 
 def reference_for(artifact, base: str | None = None, checkpoint: str | None = None, de_net: str | None = None):
@@ -18,11 +18,15 @@ def reference_for(artifact, base: str | None = None, checkpoint: str | None = No
 
 
 def load_pipeline(artifact: str | Path, backend: str = "ort", threads: int | None = None,
-                  reference=None) -> SRPipeline:
+                  reference=None, attention: str = "fused", arena: str = "shared") -> SRPipeline:
+    """``attention`` (onnxruntime backends): "fused" runs each component's MultiHeadAttention twin
+    where the artifact has one, "plain" the portable graphs. ``arena``: onnxruntime's CPU memory
+    arena (runners.ARENAS)."""
     art = load_artifact(artifact)
     check_backend(backend)
+    check_attention(attention)
     if backend == "ort":
-        runners = ort_runners(art, threads=threads)
+        runners = ort_runners(art, threads=threads, attention=attention, arena=arena)
     elif backend == "trt":
         from .trt_runner import trt_runners
 
@@ -30,7 +34,7 @@ def load_pipeline(artifact: str | Path, backend: str = "ort", threads: int | Non
     elif backend == "ort-cuda":
         from .ort_cuda import ort_cuda_runners
 
-        runners = ort_cuda_runners(art)
+        runners = ort_cuda_runners(art, attention=attention)
     else:
         runners = torch_runners(art, reference if reference is not None else reference_for(art))
     return SRPipeline(art.manifest, runners)
@@ -42,12 +46,12 @@ def component_runner(artifact, name: str, backend: str = "ort", threads: int | N
     if backend == "ort":
         from .runners import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(artifact.component_file(name), artifact.components[name], threads=threads)
+        return OnnxRuntimeRunner(ort_graph(artifact, name), artifact.components[name], threads=threads)
     if backend == "ort-cuda":
         from .ort_cuda import OrtCudaRunner, require_ort_cuda
 
         require_ort_cuda()
-        return OrtCudaRunner(artifact.component_file(name), artifact.components[name],
+        return OrtCudaRunner(ort_graph(artifact, name), artifact.components[name],
                              int(artifact.manifest["processing"]["scale"]), cuda_graphs=False)
     if backend == "trt":
         from .trt_runner import trt_runners

@@ -180,10 +180,12 @@ def _torch_dtype(dtype: str):
     return {"float32": torch.float32, "float16": torch.float16}[dtype]
 
 
-def ort_cuda_runners(artifact, cuda_graphs: bool = True) -> dict:
+def ort_cuda_runners(artifact, cuda_graphs: bool = True, attention: str = "fused") -> dict:
+    from .runners import ort_graph
+
     require_ort_cuda()  # one clear line before any session is made
     scale = int(artifact.manifest["processing"]["scale"])
-    return {name: OrtCudaRunner(artifact.component_file(name), spec, scale, cuda_graphs)
+    return {name: OrtCudaRunner(ort_graph(artifact, name, attention), spec, scale, cuda_graphs)
             for name, spec in artifact.components.items()}
 
 

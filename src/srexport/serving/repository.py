@@ -24,6 +24,7 @@ from pathlib import Path
 from .. import __version__
 from ..artifact.manifest import atomic_folder, load_artifact
 from ..errors import UserError
+from ..runtime.runners import ort_graph
 from .triton_config import PLATFORMS, component_config, orchestrator_config
 
 BACKENDS = ("ort", "ort-cuda", "trt")
@@ -119,10 +120,9 @@ def _copy_graph(artifact, name: str, folder: Path, backend: str) -> None:
     if backend == "trt":
         shutil.copy2(artifact.component_file(name, "engine"), folder / "model.plan")
         return
-    graph = artifact.component_file(name)
-    shutil.copy2(graph, folder / "model.onnx")
-    data = graph.with_name(graph.name + ".data")  # external weights keep the name the graph refers to
-    if data.exists():
+    shutil.copy2(ort_graph(artifact, name), folder / "model.onnx")  # Triton's onnxruntime backend: fused attention
+    if "onnx_data" in artifact.manifest["components"][name]["files"]:
+        data = artifact.component_file(name, "onnx_data")  # external weights keep the name the graph refers to
         shutil.copy2(data, folder / data.name)
 
 
