@@ -13,7 +13,7 @@ tree, files back from $OUT), in this order:
 4. sources: the full SD 2.1-shaped base and a rank-4 pisa_sr.pkl of seeded random weights
    (build_full_size.write_sources), reused while the machine stays warm.
 5. build: `srexport build --precision fp16` of the full-size PiSA-SR artifact.
-6. bench-lr128, bench-lr256: `srexport bench --backends torch,torch-compile,ort-cuda` with
+6. bench-lr128, bench-lr256: `srexport bench --backends torch,torch-compile,ort-cuda,ort-cuda-plain` with
    parity against the PyTorch fp32 reference, JSON and PNG to --out.
 
 A summary (steps, status, seconds, device, versions) is written to --out after every step, with
@@ -77,7 +77,8 @@ GPU_TESTS = ("tests/test_bench.py::test_cuda_event_timer_on_a_stream",
 
 EXPECTED_SKIPS = ("::test_real_engines_build_load_and_match_onnxruntime",)  # junit case names end so
 
-BACKENDS = "torch,torch-compile,ort-cuda"
+# ort-cuda-plain: the portable graphs beside the fused-attention twins, to measure what the fusion gives
+BACKENDS = "torch,torch-compile,ort-cuda,ort-cuda-plain"
 SIZES = (128, 256)  # LR: 512x512 and 1024x1024 outputs
 
 # The full-size sources come from the existing builder; this runs it in a child process so its

@@ -105,7 +105,7 @@ def test_dry_run_plans_every_step_and_exits_0_on_cpu(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     for number, name in enumerate(STEPS, 1):
         assert f"{number}. {name}: needs " in done.stdout
-    for planned in ("--backends torch,torch-compile,ort-cuda --sizes 128", "--sizes 256", "--precision fp16",
+    for planned in ("--backends torch,torch-compile,ort-cuda,ort-cuda-plain --sizes 128", "--sizes 256", "--precision fp16",
                     "--json", "--plot", "--junitxml", "pip install", "build_full_size import write_sources"):
         assert planned in done.stdout, planned
     assert "3 parts intact, joined sha256 matches" in done.stdout
